@@ -1,0 +1,104 @@
+"""Mask pytrees (DESIGN.md invariant 2).
+
+A mask tree has the structure of its params tree: a sparsified leaf holds a ``bool`` array of the
+leaf's shape (True = kept), a leaf that is not sparsified holds ``None``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxsparse.leaves import path_to_str, select_leaves
+
+__all__ = [
+    "is_none",
+    "map_masked",
+    "dense_masks",
+    "masks_from_params",
+    "apply_masks",
+    "count_nonzeros",
+    "mask_sparsity",
+    "check_structure",
+]
+
+
+def is_none(x) -> bool:
+    """``is_leaf`` predicate that makes ``None`` entries of a mask tree visible to tree maps."""
+    return x is None
+
+
+def map_masked(fn: Callable, masks, *trees):
+    """``fn(mask_leaf, *leaves)`` on every sparsified leaf; other leaves of ``trees[0]`` pass through.
+
+    ``masks`` drives the traversal (its ``None`` entries are leaves), so ``trees`` must have the
+    params structure.
+    """
+
+    def visit(m, *xs):
+        return xs[0] if m is None else fn(m, *xs)
+
+    return jax.tree.map(visit, masks, *trees, is_leaf=is_none)
+
+
+def _named_map(fn, params):
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_to_str(p), x), params)
+
+
+def dense_masks(params, include=None, exclude=None):
+    """All-True masks on the leaves chosen by :func:`jaxsparse.leaves.select_leaves`, ``None`` elsewhere."""
+    chosen = select_leaves(params, include, exclude)
+    return _named_map(lambda n, x: jnp.ones(x.shape, bool) if chosen.get(n, False) else None, params)
+
+
+def masks_from_params(params, include=None, exclude=None):
+    """Masks of the nonzero entries of the chosen leaves of ``params``."""
+    chosen = select_leaves(params, include, exclude)
+    return _named_map(lambda n, x: (x != 0) if chosen.get(n, False) else None, params)
+
+
+def apply_masks(tree, masks):
+    """Zero the entries of ``tree`` where ``masks`` is False (leaves whose mask is None are kept)."""
+    return map_masked(lambda m, x: jnp.where(m, x, jnp.zeros((), x.dtype)), masks, tree)
+
+
+def count_nonzeros(masks) -> dict[str, jax.Array]:
+    """``{leaf name: number of True entries}`` for every sparsified leaf of a mask tree."""
+    flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+    return {path_to_str(p): jnp.sum(m, dtype=jnp.int32) for p, m in flat}
+
+
+def mask_sparsity(masks) -> jax.Array:
+    """Fraction of masked-out entries over all sparsified leaves (0.0 for an empty tree)."""
+    leaves = jax.tree.leaves(masks)
+    total = sum(m.size for m in leaves)
+    if total == 0:
+        return jnp.float32(0.0)
+    return 1.0 - sum(jnp.sum(m, dtype=jnp.float32) for m in leaves) / total
+
+
+def check_structure(masks, tree, what: str = "params") -> None:
+    """Raise a ValueError naming the first leaf where ``tree`` differs from the masks' params tree.
+
+    Compares key paths and, on sparsified leaves, shapes. Runs at trace time only.
+    """
+    mask_flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)[0]
+    tree_flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_none)[0]
+    mask_paths = [path_to_str(p) for p, _ in mask_flat]
+    tree_paths = [path_to_str(p) for p, _ in tree_flat]
+    if mask_paths != tree_paths:
+        missing = [p for p in mask_paths if p not in tree_paths]
+        extra = [p for p in tree_paths if p not in mask_paths]
+        raise ValueError(
+            f"{what} has a different structure from the params the sparsifier was initialised with: "
+            f"missing leaves {missing}, unexpected leaves {extra} "
+            f"(expected {len(mask_paths)} leaves, got {len(tree_paths)})"
+        )
+    for name, (_, m), (_, x) in zip(mask_paths, mask_flat, tree_flat):
+        if m is not None and x is not None and tuple(m.shape) != tuple(x.shape):
+            raise ValueError(
+                f"{what} leaf {name!r} has shape {tuple(x.shape)}, but the sparsifier was "
+                f"initialised with shape {tuple(m.shape)}"
+            )

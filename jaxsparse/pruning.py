@@ -1,0 +1,208 @@
+"""Pruning: masks that only lose entries, on a schedule, by a score; and static random sparsity.
+
+Every preset is :func:`jaxsparse.sparsifier` with a pruning topology:
+
+- :func:`magnitude_pruning`: ``|w|`` per layer. One-shot by default; gradual with
+  :func:`~jaxsparse.schedules.polynomial_schedule` (Zhu & Gupta, 2018).
+- :func:`random_pruning`, :func:`saliency_pruning` (``|w * g|``): the same with other scores.
+- :func:`global_magnitude_pruning`: one ``|w|`` threshold over all sparsified leaves, so layers
+  end up at different sparsities (Han et al., 2015; Blalock et al., 2020).
+- :func:`lamp_pruning`: global selection on LAMP scores (Lee et al., 2021).
+- :func:`static_sparse`: a random mask drawn at init with the given distribution and never
+  changed (the "static" baseline of SET/RigL; Mocanu et al., 2018; Evci et al., 2020).
+
+At an update step with schedule fraction ``f``, a leaf of size ``N`` at target ``s`` keeps
+``N - floor(f * s * N)`` entries (exactly ``N - floor(s * N)`` once ``f = 1``), chosen among the
+entries it still has, so pruned entries never come back.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsparse import scores as score_fns
+from jaxsparse.distributions import as_distribution, keep_count
+from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
+from jaxsparse.selection import top_k_mask, top_k_masks
+from jaxsparse.sparsifier import Topology, TopologyInputs, periodic_updates, sparsifier
+
+__all__ = [
+    "pruning",
+    "magnitude_pruning",
+    "random_pruning",
+    "saliency_pruning",
+    "global_magnitude_pruning",
+    "lamp_pruning",
+    "static_sparse",
+    "random_masks",
+]
+
+
+def _keep_at(size: int, sparsity: float, fraction):
+    """Entries kept at schedule ``fraction``: ``size - floor(fraction * sparsity * size)``.
+
+    The final count comes from exact integer arithmetic, so float32 rounding cannot change the
+    budget once the schedule is complete.
+    """
+    final_pruned = size - keep_count(size, sparsity)
+    pruned = jnp.floor(fraction * jnp.float32(sparsity * size)).astype(jnp.int32)
+    pruned = jnp.where(fraction >= 1.0, final_pruned, jnp.minimum(pruned, final_pruned))
+    return jnp.int32(size) - pruned
+
+
+def _scores(score, inputs: TopologyInputs):
+    keys = jax.random.split(inputs.key, max(len(inputs.plan), 1))
+    grads = inputs.grads if inputs.grads is not None else [None] * len(inputs.plan)
+    return [score(p, g, k) for p, g, k in zip(inputs.params, grads, keys)]
+
+
+def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, global_sparsity):
+    """Topology that prunes active entries by ``score`` to the scheduled budget.
+
+    ``global_sparsity`` None: each leaf to its own target. A float: leaves not fixed by an
+    override share one budget at that sparsity (global selection).
+    """
+
+    def update(inputs: TopologyInputs):
+        fraction = schedule(inputs.step)
+        active_scores = [
+            jnp.where(m, s, -jnp.inf) for m, s in zip(inputs.masks, _scores(score, inputs))
+        ]
+        active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
+        new = list(inputs.masks)
+        pooled = []
+        for i, leaf in enumerate(inputs.plan):
+            if global_sparsity is not None and not leaf.overridden:
+                pooled.append(i)
+                continue
+            keep = jnp.minimum(_keep_at(leaf.size, leaf.sparsity, fraction), active[i])
+            new[i] = top_k_mask(active_scores[i], keep)
+        if pooled:
+            size = sum(inputs.plan[i].size for i in pooled)
+            keep = jnp.minimum(_keep_at(size, global_sparsity, fraction), sum(active[i] for i in pooled))
+            for i, m in zip(pooled, top_k_masks([active_scores[i] for i in pooled], keep)):
+                new[i] = m
+        return new, inputs.aux
+
+    return Topology(
+        init=lambda inputs: (inputs.masks, ()),
+        update=update,
+        is_update_step=periodic_updates(update_every, schedule.begin_step, schedule.end_step),
+    )
+
+
+def pruning(
+    inner: optax.GradientTransformation,
+    *,
+    score,
+    sparsity,
+    schedule: SparsitySchedule | None = None,
+    update_every: int = 100,
+    scope: str = "layer",
+    include=None,
+    exclude=None,
+    overrides=None,
+    seed=0,
+) -> optax.GradientTransformationExtraArgs:
+    """Prune by any score (see :mod:`jaxsparse.scores`) on a schedule.
+
+    Args:
+      inner: the optax transformation to wrap.
+      score: ``score(param, grad, key) -> array``; higher is kept.
+      sparsity: final sparsity, a float or a distribution (``erk(0.9)``); with
+        ``scope="global"`` a float (the sparsity of all non-overridden leaves together).
+      schedule: fraction of the final sparsity reached per step, with its update window
+        (default: one-shot at step 0).
+      update_every: steps between topology updates inside the schedule's window.
+      scope: ``"layer"`` (each leaf to its own target) or ``"global"`` (one threshold).
+      include, exclude, overrides, seed: see :func:`jaxsparse.sparsifier`.
+    """
+    schedule = one_shot_schedule(0) if schedule is None else schedule
+    if not isinstance(schedule, SparsitySchedule):
+        raise ValueError(
+            f"schedule must be a jaxsparse SparsitySchedule (polynomial_schedule, one_shot_schedule, "
+            f"constant_schedule); got {schedule!r}"
+        )
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global'; got {scope!r}")
+    distribution = as_distribution(sparsity)
+    global_sparsity = None
+    if scope == "global":
+        if distribution.name != "uniform":
+            raise ValueError(f"global pruning takes a float sparsity, not the distribution {distribution!r}")
+        global_sparsity = distribution.sparsity
+    topology = _pruning_topology(score, schedule, update_every, global_sparsity)
+    return sparsifier(
+        inner, sparsity=distribution, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
+    )
+
+
+def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None):
+    """Magnitude pruning, per layer (Han et al., 2015; gradual: Zhu & Gupta, 2018).
+
+    One-shot at step 0 by default; pass ``schedule=polynomial_schedule(begin, end)`` for gradual
+    pruning every ``update_every`` steps. See :func:`pruning` for the arguments.
+    """
+    return pruning(
+        inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
+        include=include, exclude=exclude, overrides=overrides,
+    )
+
+
+def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None, seed=0):
+    """Random pruning, per layer: the baseline of Liu et al. (2022), "The unreasonable
+    effectiveness of random pruning", ICLR. See :func:`pruning`."""
+    return pruning(
+        inner, score=score_fns.random, sparsity=sparsity, schedule=schedule, update_every=update_every,
+        include=include, exclude=exclude, overrides=overrides, seed=seed,
+    )
+
+
+def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None):
+    """Pruning by first-order saliency ``|w * g|`` on the step's gradient (Molchanov et al.,
+    2017; SNIP, Lee et al., 2019), per layer. See :func:`pruning`."""
+    return pruning(
+        inner, score=score_fns.saliency, sparsity=sparsity, schedule=schedule, update_every=update_every,
+        include=include, exclude=exclude, overrides=overrides,
+    )
+
+
+def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_every=100, include=None, exclude=None, overrides=None):
+    """Magnitude pruning with one threshold over all sparsified leaves (Han et al., 2015;
+    compared in Blalock et al., 2020). See :func:`pruning`."""
+    return pruning(
+        inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
+        scope="global", include=include, exclude=exclude, overrides=overrides,
+    )
+
+
+def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, include=None, exclude=None, overrides=None):
+    """LAMP: global selection on layer-adaptive magnitude scores (Lee et al., 2021, ICLR).
+    See :func:`jaxsparse.scores.lamp` and :func:`pruning`."""
+    return pruning(
+        inner, score=score_fns.lamp, sparsity=sparsity, schedule=schedule, update_every=update_every,
+        scope="global", include=include, exclude=exclude, overrides=overrides,
+    )
+
+
+def random_masks(inputs: TopologyInputs) -> list:
+    """Masks keeping exactly each leaf's budget at uniformly random positions."""
+    return [
+        top_k_mask(s, leaf.keep) for leaf, s in zip(inputs.plan, _scores(score_fns.random, inputs))
+    ]
+
+
+def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overrides=None):
+    """Static sparse training: a random mask drawn at init (exactly ``N - floor(s N)`` entries
+    per leaf, spread by the distribution: ``erk(0.9)``, ``er(0.9)`` or a float), fixed afterwards.
+
+    The baseline of Mocanu et al. (2018) and Evci et al. (2020). Params are zeroed off-mask by
+    the first update; call ``jaxsparse.apply_masks(params, jaxsparse.get_masks(state))`` after
+    ``init`` to start from the sparse model.
+    """
+    topology = Topology(init=lambda inputs: (random_masks(inputs), ()), update=None, is_update_step=None)
+    return sparsifier(
+        inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
+    )
