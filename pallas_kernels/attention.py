@@ -78,8 +78,17 @@ def _validate(q, k, v, block_mask, block_q: int, block_k: int):
         )
 
 
-def _block_lists(block_mask, max_blocks: int | None):
-    """Row lists (key blocks per query block) and column lists (query blocks per key block).
+def _validate_triton_shapes(head_dim: int, block_q: int, block_k: int):
+    """Triton tensors have power-of-two sizes, and its matmuls need every dim >= 16."""
+    sizes = dict(head_dim=head_dim, block_q=block_q, block_k=block_k)
+    bad = {name: n for name, n in sizes.items() if n < 16 or n & (n - 1)}
+    if bad:
+        raise ValueError(f"the gpu (Triton) path needs powers of two >= 16 for head_dim, block_q, block_k; got {sizes}")
+
+
+def _block_lists(block_mask, max_blocks: int | None, with_columns: bool):
+    """Row lists (key blocks per query block) and, for the kernels' ``dk``/``dv`` pass, column
+    lists (query blocks per key block; ``()`` when not ``with_columns``).
 
     A concrete mask is compressed at trace time (``ensure_compile_time_eval``), so under ``jit``
     the lists are constants sized by the mask's longest row and column. A traced mask takes
@@ -90,11 +99,12 @@ def _block_lists(block_mask, max_blocks: int | None):
         mask = block_mask.astype(bool)
         mask = mask[None] if mask.ndim == 3 else mask
         rows = compress_block_mask(mask, mask.shape[-1] if max_blocks is None else max_blocks)
-        return rows, compress_block_mask(mask.swapaxes(-1, -2), mask.shape[-2])
+        return rows, compress_block_mask(mask.swapaxes(-1, -2), mask.shape[-2]) if with_columns else ()
     mask = np.asarray(block_mask).astype(bool)
     mask = mask[None] if mask.ndim == 3 else mask
     with jax.ensure_compile_time_eval():
-        return compress_block_mask(mask, max_blocks), compress_block_mask(mask.swapaxes(-1, -2))
+        rows = compress_block_mask(mask, max_blocks)
+        return rows, compress_block_mask(mask.swapaxes(-1, -2)) if with_columns else ()
 
 
 def block_sparse_attention(
@@ -128,6 +138,7 @@ def block_sparse_attention(
       causal: also cut keys after the query inside the allowed blocks.
       scale: score scale, default ``1 / sqrt(head_dim)``.
       backend: ``"xla"``, ``"tpu"`` or ``"gpu"``; default the current platform's kernel, XLA on CPU.
+        The gpu (Triton) path needs head_dim, block_q and block_k to be powers of two >= 16.
       interpret: run a Pallas kernel in interpret mode (CPU testing); ``True`` or a Pallas
         ``InterpretParams``.
       max_blocks: static length of the per-row key block lists. Taken from the mask when it is
@@ -143,7 +154,9 @@ def block_sparse_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    rows, cols = _block_lists(block_mask, max_blocks)
+    if backend == "gpu":
+        _validate_triton_shapes(q.shape[-1], block_q, block_k)
+    rows, cols = _block_lists(block_mask, max_blocks, with_columns=backend != "xla")
     if isinstance(interpret, bool) or interpret is None:
         interpret = bool(interpret)
     config = _Config(backend, int(block_q), int(block_k), bool(causal), scale, interpret)
@@ -170,8 +183,7 @@ def _attention_fwd(config, q, k, v, rows, cols):
 def _attention_bwd(config, residuals, do):
     q, k, v, out, lse, rows, cols = residuals
     impl = _IMPLS[config.backend]
-    lists = rows if config.backend == "xla" else rows + cols
-    dq, dk, dv = impl.backward(q, k, v, out, lse, do, *lists, **_kernel_kwargs(config))
+    dq, dk, dv = impl.backward(q, k, v, out, lse, do, *rows, *cols, **_kernel_kwargs(config))
     return dq, dk, dv, None, None
 
 

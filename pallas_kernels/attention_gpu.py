@@ -94,7 +94,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
         start = idx_ref[r * slots + s] * block_k
         keep = block_keep(i * block_q, start, block_q, block_k, causal, True)
         k, v = k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :]
-        return dq + grad_step(q, k, v, do, lse, delta, keep, scale)[0]
+        return dq + grad_step(q, k, v, do, lse, delta, keep, scale, want_dkv=False)[0]
 
     dq = lax.fori_loop(0, cnt_ref[r], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -109,7 +109,7 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
         start = idx_ref[r * slots + s] * block_q
         keep = block_keep(start, j * block_k, block_q, block_k, causal, True)
         rows = pl.ds(start, block_q)
-        _, dk, dv = grad_step(q_ref[rows, :], k, v, do_ref[rows, :], lse_ref[rows, :], delta_ref[rows, :], keep, scale)
+        _, dk, dv = grad_step(q_ref[rows, :], k, v, do_ref[rows, :], lse_ref[rows, :], delta_ref[rows, :], keep, scale, want_dq=False)
         return carry[0] + dk, carry[1] + dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)

@@ -113,7 +113,7 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     @pl.when(s < cnt_ref[r])
     def _step():
         keep = block_keep(i * block_q, idx_ref[r * slots + s] * block_k, block_q, block_k, causal, True)
-        dq, _, _ = grad_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], keep, scale)
+        dq, _, _ = grad_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], keep, scale, want_dkv=False)
         dq_sc[...] += dq
 
     @pl.when(s == slots - 1)
@@ -133,7 +133,7 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     @pl.when(s < cnt_ref[r])
     def _step():
         keep = block_keep(idx_ref[r * slots + s] * block_q, j * block_k, block_q, block_k, causal, True)
-        _, dk, dv = grad_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], keep, scale)
+        _, dk, dv = grad_step(q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], keep, scale, want_dq=False)
         dk_sc[...] += dk
         dv_sc[...] += dv
 

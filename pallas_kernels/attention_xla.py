@@ -106,19 +106,19 @@ def finish(carry):
     return out, lse
 
 
-def grad_step(q, k, v, do, lse, delta, keep, scale: float):
+def grad_step(q, k, v, do, lse, delta, keep, scale: float, *, want_dq: bool = True, want_dkv: bool = True):
     """Gradient contributions of one block pair, recomputing the probabilities from ``lse``.
 
     Args are blocks ``q, do [.., bq, d]``, ``k, v [.., bk, d]``, ``lse, delta [.., bq, 1]``
-    (``delta`` = rowsum(dO * O)). Returns f32 ``(dq [.., bq, d], dk [.., bk, d], dv [.., bk, d])``.
+    (``delta`` = rowsum(dO * O)). Returns f32 ``(dq [.., bq, d], dk [.., bk, d], dv [.., bk, d])``,
+    with ``None`` for what is not wanted (a kernel that owns only ``dq`` skips two matmuls).
     """
     s = scores(q, k, scale)
     p = jnp.where(keep, jnp.exp(jnp.where(keep, s, NEG) - lse), 0.0)
-    dv = _dot(p.astype(do.dtype), do, 0, 0)
-    dp = _dot(do, v, 1, 1)
-    ds = p * (dp - delta) * scale
-    dq = _dot(ds.astype(k.dtype), k, 1, 0)
-    dk = _dot(ds.astype(q.dtype), q, 0, 0)
+    ds = p * (_dot(do, v, 1, 1) - delta) * scale
+    dq = _dot(ds.astype(k.dtype), k, 1, 0) if want_dq else None
+    dk = _dot(ds.astype(q.dtype), q, 0, 0) if want_dkv else None
+    dv = _dot(p.astype(do.dtype), do, 0, 0) if want_dkv else None
     return dq, dk, dv
 
 

@@ -169,10 +169,10 @@ def test_traced_mask_without_max_blocks_visits_all_key_blocks():
 def test_scale_and_bf16():
     data, _, _ = _case_data("causal_gqa")
     q, k, v, _, mask, bq, bk, causal = data
-    out = block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk, causal=causal, scale=0.3)
-    np.testing.assert_allclose(out, dense_reference(q, k, v, mask, bq, bk, causal, scale=0.3), atol=2e-5, rtol=2e-5)
-    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    out = block_sparse_attention(*half, mask, block_q=bq, block_k=bk, causal=causal)
+    attend = jax.jit(lambda q, k, v, scale: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk, causal=causal, scale=scale),
+                     static_argnums=3)
+    np.testing.assert_allclose(attend(q, k, v, 0.3), dense_reference(q, k, v, mask, bq, bk, causal, scale=0.3), atol=2e-5, rtol=2e-5)
+    out = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), dense_reference(q, k, v, mask, bq, bk, causal), atol=5e-2)
 
@@ -196,6 +196,8 @@ def test_bad_input_raises_value_error_naming_shapes():
         call(q, k, jnp.ones((1, 2, 64, 8)), mask)
     with pytest.raises(ValueError, match="backend"):
         call(q, k, k, mask, backend="cuda")
+    with pytest.raises(ValueError, match=r"powers of two.*'head_dim': 24"):
+        call(jnp.ones((1, 4, 64, 24)), jnp.ones((1, 2, 64, 24)), jnp.ones((1, 2, 64, 24)), mask, backend="gpu")
 
 
 def _lower(backend, platform):
