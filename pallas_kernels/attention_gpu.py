@@ -24,7 +24,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.attention_xla import block_keep, finish, flat_lists, grad_step, init_carry, scores, softmax_step
+from pallas_kernels.attention_xla import (
+    block_keep,
+    finish,
+    flat_lists,
+    grad_step,
+    init_carry,
+    scores,
+    softmax_residuals,
+    softmax_step,
+    sum_head_groups,
+)
 
 __all__ = ["forward", "backward"]
 
@@ -124,8 +134,7 @@ def backward(q, k, v, out, lse, do, indices, counts, indices_t, counts_t, *, blo
     batch, heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1:3]
     group = heads // kv_heads
-    delta = (do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)
-    lse = lse[..., None]
+    lse, delta = softmax_residuals(out, do, lse)
     static = dict(heads=heads, block_q=block_q, block_k=block_k, causal=causal, scale=scale)
     params = _params(interpret, num_warps=4 if dim <= 64 else 8)
     whole = lambda n, bh: (0,)
@@ -167,5 +176,4 @@ def backward(q, k, v, out, lse, do, indices, counts, indices_t, counts_t, *, blo
         out_shape=[grad_shape, grad_shape],
         **params,
     )(flat_idx_t, flat_cnt_t, q, k, v, do, lse, delta)
-    sum_group = lambda g, like: g.reshape(batch, kv_heads, group, seq_k, dim).sum(2).astype(like.dtype)
-    return dq, sum_group(dk, k), sum_group(dv, v)
+    return dq, sum_head_groups(dk, k), sum_head_groups(dv, v)

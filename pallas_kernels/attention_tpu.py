@@ -23,12 +23,22 @@ from __future__ import annotations
 import functools
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention_xla import block_keep, finish, flat_lists, grad_step, init_carry, scores, softmax_step
+from pallas_kernels.attention_xla import (
+    block_keep,
+    finish,
+    flat_lists,
+    grad_step,
+    init_carry,
+    scores,
+    softmax_residuals,
+    softmax_step,
+    sum_head_groups,
+)
 
 __all__ = ["forward", "backward"]
 
@@ -150,8 +160,7 @@ def backward(q, k, v, out, lse, do, indices, counts, indices_t, counts_t, *, blo
     batch, heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1:3]
     group = heads // kv_heads
-    delta = (do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)
-    lse = lse[..., None]
+    lse, delta = softmax_residuals(out, do, lse)
     static = dict(block_q=block_q, block_k=block_k, causal=causal, scale=scale)
     q_spec = lambda index_map: pl.BlockSpec((None, None, block_q, dim), index_map)
     col_spec = lambda index_map: pl.BlockSpec((None, None, block_q, 1), index_map)
@@ -204,5 +213,4 @@ def backward(q, k, v, out, lse, do, indices, counts, indices_t, counts_t, *, blo
         out_shape=[grad_shape, grad_shape],
         **_params(interpret),
     )(flat_idx_t, flat_cnt_t, q, k, v, do, lse, delta)
-    sum_group = lambda g, like: g.reshape(batch, kv_heads, group, seq_k, dim).sum(2).astype(like.dtype)
-    return dq, sum_group(dk, k), sum_group(dv, v)
+    return dq, sum_head_groups(dk, k), sum_head_groups(dv, v)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["forward", "backward", "block_keep", "softmax_step", "finish", "grad_step", "flat_lists"]
+__all__ = ["forward", "backward", "block_keep", "softmax_step", "finish", "grad_step", "flat_lists", "softmax_residuals", "sum_head_groups"]
 
 # Running-max start and the score given to masked entries: finite, so that max/exp of a row that
 # has seen nothing stays finite (exp(NEG - NEG) = 1 rescales zeros), and far below any real score.
@@ -122,6 +122,20 @@ def grad_step(q, k, v, do, lse, delta, keep, scale: float, *, want_dq: bool = Tr
     return dq, dk, dv
 
 
+def softmax_residuals(out, do, lse):
+    """The backward's per-row statistics as ``[B, H, S, 1]`` f32 columns: ``lse`` and
+    ``delta = rowsum(dO * O)`` (FlashAttention's ``D``, the softmax Jacobian's diagonal term)."""
+    delta = (do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)
+    return lse[..., None], delta
+
+
+def sum_head_groups(grad, like):
+    """Sum per-query-head key/value gradients ``[B, H, S, d]`` over each GQA group of ``heads //
+    kv_heads`` heads, giving ``like``'s shape ``[B, kv_heads, S, d]`` and dtype."""
+    batch, kv_heads = like.shape[:2]
+    return grad.reshape(batch, kv_heads, -1, *grad.shape[2:]).sum(2).astype(like.dtype)
+
+
 def _blocked(x, block: int):
     """``[B, H, S, d] -> [B, H, S // block, block, d]``."""
     b, h, s, d = x.shape
@@ -181,9 +195,7 @@ def backward(q, k, v, out, lse, do, indices, counts, *, block_q: int, block_k: i
     """
     indices, counts, b_ix, kvh_ix = _gather_plan(q.shape, k.shape[1], indices, counts)
     qb, kb, vb, dob = _blocked(q, block_q), _blocked(k, block_k), _blocked(v, block_k), _blocked(do, block_q)
-    lse_b = lse.reshape(qb.shape[:-1] + (1,))
-    delta = (do.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1)
-    delta_b = delta.reshape(lse_b.shape)
+    lse_b, delta_b = (x.reshape(qb.shape[:-1] + (1,)) for x in softmax_residuals(out, do, lse))
 
     def step(carry, xs):
         dq, dk, dv = carry

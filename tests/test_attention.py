@@ -44,37 +44,29 @@ def _empty_rows_mask(heads, nq, nk):
     return mask
 
 
+def _each_builder(seq_q, seq_k, bq, bk, causal):
+    """One head per mask builder (and combination), so one call checks them all."""
+    blocks = dict(block_q=bq, block_k=bk)
+    window = am.sliding_window_mask(seq_q, seq_k, 12, causal=causal, **blocks)
+    glob = am.global_tokens_mask(seq_q, seq_k, 4, **blocks)
+    dilated = am.dilated_mask(seq_q, seq_k, 2, causal=causal, **blocks)
+    return am.stack_heads(
+        am.causal_mask(seq_q, seq_k, **blocks) if causal else am.full_mask(seq_q, seq_k, **blocks),
+        window,
+        glob,
+        dilated,
+        am.union(window, glob),
+        am.intersection(am.sliding_window_mask(seq_q, seq_k, 20, **blocks), am.dilated_mask(seq_q, seq_k, 1, num_blocks=1, **blocks)),
+    )
+
+
 # name -> (heads, kv_heads, seq_q, seq_k, block_q, block_k, causal, mask builder(q, k) -> block mask)
 CASES = {
-    "causal_gqa": (4, 2, 64, 64, 16, 16, True, lambda q, k: am.causal_mask(64, 64, block_q=16, block_k=16)),
-    "window": (2, 2, 64, 96, 16, 16, False, lambda q, k: am.sliding_window_mask(64, 96, 12, block_q=16, block_k=16)),
-    "window_global_causal_mqa": (
-        4, 1, 64, 64, 16, 16, True,
-        lambda q, k: am.union(
-            am.sliding_window_mask(64, 64, 16, causal=True, block_q=16, block_k=16),
-            am.global_tokens_mask(64, 64, 4, block_q=16, block_k=16),
-        ),
-    ),
-    "dilated_rect_blocks": (2, 2, 64, 128, 16, 32, False, lambda q, k: am.dilated_mask(64, 128, 2, block_q=16, block_k=32)),
-    "intersection_causal": (
-        2, 1, 64, 64, 16, 16, True,
-        lambda q, k: am.intersection(
-            am.sliding_window_mask(64, 64, 20, block_q=16, block_k=16),
-            am.dilated_mask(64, 64, 1, num_blocks=1, block_q=16, block_k=16),
-        ),
-    ),
-    "per_head_gqa": (
-        4, 2, 64, 64, 16, 16, False,
-        lambda q, k: am.stack_heads(
-            am.causal_mask(64, 64, block_q=16, block_k=16),
-            am.sliding_window_mask(64, 64, 8, block_q=16, block_k=16),
-            am.global_tokens_mask(64, 64, 2, block_q=16, block_k=16),
-            am.dilated_mask(64, 64, 3, block_q=16, block_k=16),
-        ),
-    ),
-    "empty_rows_causal": (2, 2, 64, 64, 16, 16, True, lambda q, k: _empty_rows_mask(2, 4, 4)),
+    "causal_one_mask_for_all_heads_gqa": (4, 2, 64, 64, 16, 16, True, lambda q, k: am.causal_mask(64, 64, block_q=16, block_k=16)),
+    "builders_per_head_gqa_rect_blocks": (6, 3, 64, 128, 16, 32, False, lambda q, k: _each_builder(64, 128, 16, 32, False)),
+    "builders_per_head_causal_mqa": (6, 1, 64, 64, 16, 16, True, lambda q, k: _each_builder(64, 64, 16, 16, True)),
     "topk_per_example_causal": (4, 2, 64, 64, 16, 16, True, lambda q, k: am.topk_mask(q, k, 2, block_q=16, block_k=16, causal=True)),
-    "full": (2, 2, 32, 64, 16, 32, False, lambda q, k: am.full_mask(32, 64, block_q=16, block_k=32)),
+    "empty_rows_causal": (2, 2, 64, 64, 16, 16, True, lambda q, k: _empty_rows_mask(2, 4, 4)),
 }
 
 
@@ -160,14 +152,14 @@ def test_traced_dynamic_mask_under_jit(backend):
 
 
 def test_traced_mask_without_max_blocks_visits_all_key_blocks():
-    data, want_out, _ = _case_data("window")
+    data, want_out, _ = _case_data("builders_per_head_gqa_rect_blocks")
     q, k, v, _, mask, bq, bk, causal = data
     run = jax.jit(lambda q, k, v, m: block_sparse_attention(q, k, v, m, block_q=bq, block_k=bk, causal=causal))
     np.testing.assert_allclose(run(q, k, v, jnp.asarray(mask)), want_out, atol=2e-5, rtol=2e-5)
 
 
 def test_scale_and_bf16():
-    data, _, _ = _case_data("causal_gqa")
+    data, _, _ = _case_data("causal_one_mask_for_all_heads_gqa")
     q, k, v, _, mask, bq, bk, causal = data
     attend = jax.jit(lambda q, k, v, scale: block_sparse_attention(q, k, v, mask, block_q=bq, block_k=bk, causal=causal, scale=scale),
                      static_argnums=3)
