@@ -89,10 +89,10 @@ def _case_data(name):
     return (q, k, v, cot, mask, bq, bk, causal), out, grads
 
 
-def _check(backend, data, want_out, want_grads, **kwargs):
+def _check(backend, data, want_out, want_grads, interpret=True):
     q, k, v, cot, mask, bq, bk, causal = data
     attend = lambda q, k, v: block_sparse_attention(
-        q, k, v, mask, block_q=bq, block_k=bk, causal=causal, backend=backend, interpret=True, **kwargs
+        q, k, v, mask, block_q=bq, block_k=bk, causal=causal, backend=backend, interpret=interpret
     )
     out, grads = _value_and_vjp(attend, q, k, v, cot)
     for name, got, want in zip(["out", "dq", "dk", "dv"], (out,) + grads, (want_out,) + want_grads):
@@ -218,3 +218,11 @@ def test_gpu_kernels_lower_to_triton():
             raise
         pytest.skip("this jax cannot lower Triton kernels without a GPU")
     assert "triton" in text
+
+
+def test_tpu_kernels_in_the_tpu_interpreter():
+    """The TPU kernels under Pallas' TPU interpreter, which simulates TPU memories and DMAs."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    data, want_out, want_grads = _case_data("empty_rows_causal")
+    _check("tpu", data, want_out, want_grads, interpret=pltpu.InterpretParams())
