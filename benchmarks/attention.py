@@ -64,7 +64,7 @@ def time_ms(fns: dict, args, repeats: int) -> dict:
             jax.block_until_ready(fn(*args))
             live[name] = fn
         except Exception as e:
-            print(f"  {name}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+            print(f"  {' '.join(map(str, name))}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
     times = {name: [] for name in live}
     for _ in range(repeats):
         for name, fn in live.items():
@@ -127,7 +127,7 @@ def run(*, backend, seqs, densities, batch, heads, dim, block, dtype, baselines,
     """Per sequence length: dense baselines and block-sparse attention per density, timed together."""
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {batch}, heads {heads}, "
           f"head_dim {dim}, block {block}, {jnp.dtype(dtype).name}, path {backend!r}", flush=True)
-    print(f"{'seq':>6} {'density':>8} {'pass':>8} {'sparse ms':>10} " + " ".join(f"{'vs ' + b:>12}" for b in baselines))
+    print(f"{'seq':>6} {'density':>8} {'mode':>8} {'sparse ms':>10} " + " ".join(f"{'vs ' + b:>12}" for b in baselines))
     for seq in seqs:
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(key, (batch, heads, seq, dim), dtype) for key in keys)

@@ -8,7 +8,7 @@ Forward: the block mask arrives compressed (``block_index.compress_block_mask``)
 query block, the padded list of its key blocks. A ``lax.scan`` walks the list slot by slot; each
 step gathers one key/value block per query block (all query blocks of all heads at once) and
 folds it into a running max, normaliser and output, the online softmax of FlashAttention
-(Dao et al. 2022, arXiv:2205.14135; Milakov & Gimelshein 2018 for the online normaliser). Work
+(Dao et al. 2022, arXiv:2205.14135; Milakov & Gimelshein 2018, arXiv:1805.02867, for the online normaliser). Work
 and memory scale with the number of nonzero block pairs, never with ``seq_q * seq_k``. The
 forward also returns the log-sum-exp of each query row, the only softmax statistic the backward
 needs.
@@ -19,8 +19,9 @@ contributions to their key blocks. The Pallas kernels instead walk the transpose
 block, its query blocks) because a kernel cannot scatter-add across programs without atomics;
 XLA can, and the scatter lets one pass compute the probabilities once for all three gradients.
 
-Masked entries never reach ``exp``: a query row with no allowed key keeps a zero normaliser and
-returns zeros (and zero gradients), never NaN.
+Masked entries get a finite very negative score and a probability forced to exactly zero by
+``where``, so a query row with no allowed key keeps a zero normaliser and returns zeros (and zero
+gradients), never NaN.
 """
 
 from __future__ import annotations
@@ -29,7 +30,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["forward", "backward", "block_keep", "softmax_step", "finish", "grad_step", "flat_lists", "softmax_residuals", "sum_head_groups"]
+__all__ = [
+    "forward",
+    "backward",
+    "block_keep",
+    "init_carry",
+    "softmax_step",
+    "finish",
+    "grad_step",
+    "scores",
+    "flat_lists",
+    "softmax_residuals",
+    "sum_head_groups",
+]
 
 # Running-max start and the score given to masked entries: finite, so that max/exp of a row that
 # has seen nothing stays finite (exp(NEG - NEG) = 1 rescales zeros), and far below any real score.
@@ -52,9 +65,10 @@ def block_keep(q_start, k_start, block_q: int, block_k: int, causal: bool, valid
 
 
 def flat_lists(indices, counts):
-    """Flatten ``[Bm, Hm, n, slots]`` block lists for the kernels (1-D, as SMEM and pointer
-    arithmetic like them), with ``row(b, h, r)``, the flat row number of batch ``b``, head ``h``,
-    row ``r`` (broadcasting size-1 mask dims), and ``slots``."""
+    """Block lists ``[Bm, Hm, n, slots]`` flattened to 1-D for the kernels (compact in TPU SMEM,
+    plain offsets on GPU). Returns ``(indices, counts, row, slots)`` where ``row(b, h, r)`` is the
+    flat number of row ``r`` for batch ``b``, head ``h`` (size-1 mask dims broadcast): its count
+    is ``counts[row]`` and its entries start at ``indices[row * slots]``."""
     mask_batch, mask_heads, rows, slots = indices.shape
 
     def row(b, h, r):
