@@ -3,4 +3,8 @@
 Depends only on jax. See DESIGN.md ("Kernels").
 """
 
+from pallas_kernels import attention_masks
+from pallas_kernels.attention import block_sparse_attention
+
 __all__ = []
+__all__ += ["attention_masks", "block_sparse_attention"]

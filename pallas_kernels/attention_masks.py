@@ -1,0 +1,247 @@
+"""Block masks for block-sparse attention: static patterns and a dynamic top-k selection.
+
+A block mask is a boolean array ``[heads or 1, seq_q // block_q, seq_k // block_k]`` (optionally
+with a leading batch dimension, ``[batch or 1, heads or 1, ...]``): entry ``(h, i, j)`` says that
+query block ``i`` of head ``h`` may attend to key block ``j``. ``block_sparse_attention`` computes
+only those block pairs.
+
+The static builders describe a token-level pattern and keep every block that contains at least one
+allowed (query, key) pair, so the block mask covers the pattern; attention then uses whole blocks
+(plus, with ``causal=True``, the exact ``key <= query`` cut inside the diagonal blocks). They
+return concrete numpy arrays, so the attention can size its block lists from them:
+
+- ``causal_mask``: keys at or before the query (autoregressive decoding).
+- ``sliding_window_mask``: keys within ``window`` tokens of the query, the local attention of
+  Longformer (Beltagy et al. 2020, arXiv:2004.05150) and the window part of BigBird
+  (Zaheer et al. 2020, arXiv:2007.14062).
+- ``global_tokens_mask``: a few tokens that attend to, and are attended by, every token
+  (Longformer's global attention, BigBird's global blocks).
+- ``dilated_mask``: key blocks at a fixed block stride from the query's block, the strided
+  pattern of the Sparse Transformer (Child et al. 2019, arXiv:1904.10509) and Longformer's
+  dilated windows, at block granularity.
+- ``union`` / ``intersection`` combine patterns (BigBird = window | global | random);
+  ``stack_heads`` gives each head its own pattern (the Sparse Transformer's split of the strided
+  pattern across heads).
+
+``topk_mask`` chooses the mask from the data: each query block keeps the ``top_k`` key blocks with
+the largest score between mean-pooled query and key blocks. This is the block selection of
+SeerAttention (Gao et al. 2024, arXiv:2410.13276), there with a learned gate on pooled blocks, and
+of SpargeAttn (Zhang et al. 2025, arXiv:2502.18137), which predicts the attention map from
+mean-pooled ("compressed") blocks; here the plain pooled dot product serves as the predictor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "full_mask",
+    "causal_mask",
+    "sliding_window_mask",
+    "global_tokens_mask",
+    "dilated_mask",
+    "union",
+    "intersection",
+    "stack_heads",
+    "topk_mask",
+    "block_density",
+]
+
+
+def _num_blocks(seq_q: int, seq_k: int, block_q: int, block_k: int) -> tuple[int, int]:
+    for name, value in (("seq_q", seq_q), ("seq_k", seq_k), ("block_q", block_q), ("block_k", block_k)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1; got {value}")
+    if seq_q % block_q or seq_k % block_k:
+        raise ValueError(
+            f"sequence lengths must be divisible by the block sizes; got seq_q={seq_q}, "
+            f"block_q={block_q}, seq_k={seq_k}, block_k={block_k}"
+        )
+    return seq_q // block_q, seq_k // block_k
+
+
+def _from_key_ranges(lo, hi, seq_k: int, block_q: int, block_k: int) -> np.ndarray:
+    """Block mask ``[1, nq, nk]`` from an inclusive key range ``[lo[q], hi[q]]`` per query token.
+
+    A key block is kept for a query block when it overlaps the range of any of its queries
+    (an empty range, ``lo > hi``, keeps nothing).
+    """
+    nk = seq_k // block_k
+    starts = np.arange(nk) * block_k
+    ends = starts + block_k - 1
+    lo, hi = np.asarray(lo)[:, None], np.asarray(hi)[:, None]
+    per_token = (starts[None] <= hi) & (ends[None] >= lo) & (lo <= hi)  # [seq_q, nk]
+    return per_token.reshape(-1, block_q, nk).any(axis=1)[None]
+
+
+def full_mask(seq_q: int, seq_k: int, *, block_q: int = 128, block_k: int = 128) -> np.ndarray:
+    """All blocks allowed: dense attention, ``[1, seq_q // block_q, seq_k // block_k]``."""
+    nq, nk = _num_blocks(seq_q, seq_k, block_q, block_k)
+    return np.ones((1, nq, nk), bool)
+
+
+def causal_mask(seq_q: int, seq_k: int, *, block_q: int = 128, block_k: int = 128) -> np.ndarray:
+    """Blocks holding some key at or before some query (query ``i`` sees keys ``0..i``).
+
+    Use with ``causal=True`` in ``block_sparse_attention`` for the exact token-level cut on the
+    diagonal blocks. Returns ``[1, seq_q // block_q, seq_k // block_k]``.
+    """
+    _num_blocks(seq_q, seq_k, block_q, block_k)
+    queries = np.arange(seq_q)
+    return _from_key_ranges(np.zeros_like(queries), queries, seq_k, block_q, block_k)
+
+
+def sliding_window_mask(
+    seq_q: int, seq_k: int, window: int, *, block_q: int = 128, block_k: int = 128, causal: bool = False
+) -> np.ndarray:
+    """Local attention: query ``i`` sees keys ``i - window .. i + window`` (``.. i`` when causal).
+
+    Longformer's sliding window (Beltagy et al. 2020) and BigBird's window blocks
+    (Zaheer et al. 2020), covered by whole blocks. Returns ``[1, nq, nk]``.
+    """
+    _num_blocks(seq_q, seq_k, block_q, block_k)
+    if window < 0:
+        raise ValueError(f"window must be >= 0; got {window}")
+    queries = np.arange(seq_q)
+    hi = queries if causal else queries + window
+    return _from_key_ranges(queries - window, hi, seq_k, block_q, block_k)
+
+
+def global_tokens_mask(
+    seq_q: int, seq_k: int, num_global: int, *, block_q: int = 128, block_k: int = 128
+) -> np.ndarray:
+    """The first ``num_global`` tokens attend to all keys and every query attends to them.
+
+    Longformer's global attention and BigBird's global tokens (Zaheer et al. 2020), e.g. a CLS
+    token or a prompt prefix. Returns ``[1, nq, nk]``; union it with a local pattern.
+    """
+    _num_blocks(seq_q, seq_k, block_q, block_k)
+    if not 0 <= num_global <= min(seq_q, seq_k):
+        raise ValueError(f"num_global must be in [0, min(seq_q, seq_k)={min(seq_q, seq_k)}]; got {num_global}")
+    queries = np.arange(seq_q)
+    is_global = queries < num_global
+    # Global queries see everything; the others see the global keys 0 .. num_global - 1.
+    hi = np.where(is_global, seq_k - 1, num_global - 1)
+    return _from_key_ranges(np.zeros_like(queries), hi, seq_k, block_q, block_k)
+
+
+def dilated_mask(
+    seq_q: int,
+    seq_k: int,
+    dilation: int,
+    *,
+    num_blocks: int | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    causal: bool = False,
+) -> np.ndarray:
+    """Key blocks at a multiple of ``dilation`` blocks from the query's own key block.
+
+    A query at position ``t`` lies in key block ``c = t // block_k``; it keeps key blocks ``j`` with
+    ``(c - j) % dilation == 0``, only the ``num_blocks`` nearest such blocks on each side when
+    ``num_blocks`` is given, and only ``j <= c`` when causal. ``dilation=1`` with ``num_blocks``
+    is a block sliding window; a large ``num_blocks`` gives the Sparse Transformer's strided
+    pattern (Child et al. 2019) at block granularity, and Longformer's dilated window
+    (Beltagy et al. 2020). Returns ``[1, nq, nk]``.
+    """
+    nq, nk = _num_blocks(seq_q, seq_k, block_q, block_k)
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1; got {dilation}")
+    if num_blocks is not None and num_blocks < 0:
+        raise ValueError(f"num_blocks must be >= 0 or None; got {num_blocks}")
+    own = np.arange(seq_q)[:, None] // block_k  # [seq_q, 1] key block of each query position
+    dist = own - np.arange(nk)[None]  # [seq_q, nk] block distance, positive = key block before
+    keep = dist % dilation == 0
+    if num_blocks is not None:
+        keep &= np.abs(dist) <= num_blocks * dilation
+    if causal:
+        keep &= dist >= 0
+    return keep.reshape(nq, block_q, nk).any(axis=1)[None]
+
+
+def _broadcast_masks(masks, what: str):
+    if not masks:
+        raise ValueError(f"{what} needs at least one mask")
+    arrays = [np.asarray(m).astype(bool) for m in masks]
+    try:
+        return np.broadcast_arrays(*arrays)
+    except ValueError:
+        raise ValueError(f"{what}: mask shapes do not broadcast: {[a.shape for a in arrays]}") from None
+
+
+def union(*masks) -> np.ndarray:
+    """Blocks allowed by any of the masks (shapes broadcast), e.g. window | global as in BigBird."""
+    return functools.reduce(np.logical_or, _broadcast_masks(masks, "union"))
+
+
+def intersection(*masks) -> np.ndarray:
+    """Blocks allowed by all the masks (shapes broadcast), e.g. a pattern restricted to causal."""
+    return functools.reduce(np.logical_and, _broadcast_masks(masks, "intersection"))
+
+
+def stack_heads(*masks) -> np.ndarray:
+    """A per-head mask ``[heads, nq, nk]``: head ``h`` uses ``masks[h]`` (each ``[1, nq, nk]`` or ``[nq, nk]``)."""
+    arrays = [np.asarray(m).astype(bool) for m in masks]
+    arrays = [a[0] if a.ndim == 3 and a.shape[0] == 1 else a for a in arrays]
+    if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"stack_heads needs masks of one shape [nq, nk] or [1, nq, nk]; got {[a.shape for a in arrays]}")
+    return np.stack(arrays)
+
+
+def block_density(block_mask) -> float:
+    """Fraction of allowed blocks in a (concrete) block mask."""
+    return float(np.asarray(block_mask).astype(bool).mean())
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "block_q", "block_k", "causal"))
+def topk_mask(q, k, top_k: int, *, block_q: int = 128, block_k: int = 128, causal: bool = False):
+    """Per query block, the ``top_k`` key blocks with the largest mean-pooled query-key score.
+
+    Query and key blocks are mean-pooled to one vector each and scored by their dot product, the
+    cheap attention estimate of SeerAttention (Gao et al. 2024) and SpargeAttn (Zhang et al. 2025).
+    Works under ``jit`` (``top_k`` static); every row keeps exactly ``min(top_k, allowed)`` blocks,
+    so pass ``max_blocks=top_k`` to ``block_sparse_attention`` when the mask is traced.
+
+    Args:
+      q: ``[..., heads, seq_q, head_dim]``.
+      k: ``[..., kv_heads, seq_k, head_dim]`` with the same leading dims; grouped-query heads share
+        their key head's pooled blocks.
+      top_k: key blocks kept per query block, ``1 <= top_k <= seq_k // block_k``.
+      causal: only blocks with some key at or before some query compete, and each query block
+        always keeps its diagonal block (the last one it may see), so no causal row is empty.
+
+    Returns:
+      boolean block mask ``[..., heads, seq_q // block_q, seq_k // block_k]``: with a batch
+      dimension, one mask per example, which ``block_sparse_attention`` accepts as
+      ``[batch, heads, nq, nk]``.
+    """
+    if q.ndim < 3 or k.ndim != q.ndim or q.shape[:-3] != k.shape[:-3] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q must be [..., heads, seq_q, head_dim] and k [..., kv_heads, seq_k, head_dim] with the "
+            f"same leading dims and head_dim; got q {q.shape}, k {k.shape}"
+        )
+    heads, seq_q, dim = q.shape[-3:]
+    kv_heads, seq_k = k.shape[-3:-1]
+    nq, nk = _num_blocks(seq_q, seq_k, block_q, block_k)
+    if heads % kv_heads:
+        raise ValueError(f"heads ({heads}, q {q.shape}) must be divisible by kv_heads ({kv_heads}, k {k.shape})")
+    if not 1 <= top_k <= nk:
+        raise ValueError(f"top_k must be in [1, {nk}] (the number of key blocks); got {top_k}")
+    lead = q.shape[:-3]
+    pooled_q = q.astype(jnp.float32).reshape(*lead, heads, nq, block_q, dim).mean(-2)
+    pooled_k = k.astype(jnp.float32).reshape(*lead, kv_heads, nk, block_k, dim).mean(-2)
+    pooled_k = jnp.repeat(pooled_k, heads // kv_heads, axis=-3)  # query head h -> kv head h // group
+    scores = jnp.einsum("...id,...jd->...ij", pooled_q, pooled_k)
+    allowed = jnp.ones((nq, nk), bool)
+    if causal:
+        allowed = jnp.asarray(causal_mask(seq_q, seq_k, block_q=block_q, block_k=block_k)[0])
+        diagonal = jnp.arange(nk) == (jnp.arange(nq) * block_q + block_q - 1)[:, None] // block_k
+        diagonal &= allowed
+        scores = jnp.where(diagonal, jnp.inf, jnp.where(allowed, scores, -jnp.inf))
+    _, chosen = jax.lax.top_k(scores, top_k)  # [..., heads, nq, top_k]
+    picked = jax.nn.one_hot(chosen, nk, dtype=jnp.bool_).any(-2)
+    return picked & allowed
