@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 import jaxsparse as js
+from jaxsparse.dst import rigl
 
 WIDTH, LAYERS = 2048, 4
 
@@ -61,6 +62,7 @@ def sparsifiers(update_every):
         "global_magnitude": js.global_magnitude_pruning(
             optax.adam(1e-3), sparsity=0.9, schedule=gradual, update_every=update_every
         ),
+        "rigl": rigl(optax.adam(1e-3), sparsity=0.9, update_every=update_every, end_step=100 * update_every),
     }
 
 
@@ -68,7 +70,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--method", default="magnitude", choices=["magnitude", "global_magnitude"])
+    parser.add_argument("--method", default="magnitude", choices=["magnitude", "global_magnitude", "rigl"])
     args = parser.parse_args()
 
     update_every = 1000  # update steps at 0, 1000, ...: steps 1..999 are non-update steps

@@ -36,6 +36,12 @@ from jaxsparse.sparsifier import (
     sparsifier,
 )
 
+# --- dynamic sparse training (issue 3) ---
+from jaxsparse.dst import dynamic_sparse, rigl, set_sparse
+from jaxsparse.snfs import snfs
+from jaxsparse.srigl import srigl
+from jaxsparse.topkast import topkast
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -48,4 +54,6 @@ __all__ = [
     "SparsitySchedule", "polynomial_schedule", "constant_schedule", "one_shot_schedule", "cosine_drop_fraction",
     "scores", "top_k_mask", "top_k_masks",
     "SparsifierState", "LeafPlan", "Topology", "TopologyInputs", "sparsifier", "get_masks", "periodic_updates",
+    # --- dynamic sparse training (issue 3) ---
+    "dynamic_sparse", "set_sparse", "rigl", "snfs", "srigl", "topkast",
 ]

@@ -101,13 +101,29 @@ class Topology(NamedTuple):
       init: initial masks and aux state (``inputs.masks`` are all-True).
       update: new masks and aux state on an update step.
       is_update_step: ``step -> bool`` (traced), or ``None`` for a topology that never changes.
-      mask_gradients: zero the gradients of pruned weights before the inner transformation.
+      mask_gradients: zero the gradients of untrained weights before the inner transformation.
+
+    Optional per-step hooks (``None``: the default behaviour), for methods that keep statistics
+    or dense shadow weights in ``aux``; lists are aligned with ``inputs.plan``:
+
+      observe: ``inputs -> (grads, aux)`` on every step before the update decision, with this
+        step's raw gradients; the returned gradients replace them for the update and the inner
+        transformation (a gradient moving average for SNFS, a regulariser for Top-KAST).
+      trained: ``(masks, aux) -> masks`` of the entries the inner transformation trains
+        (default: ``masks``). Gradients are zeroed outside them and the inner state is reset
+        where they change (Top-KAST trains a superset of the forward masks).
+      finish: ``(inputs, inner_updates) -> (updates, aux)`` turning the inner updates into
+        param updates (default: the inner update where kept, ``-param`` where pruned). It must
+        leave params exactly 0 where ``inputs.masks`` is False.
     """
 
     init: Callable[[TopologyInputs], tuple]
     update: Callable[[TopologyInputs], tuple] | None
     is_update_step: Callable[[jax.Array], jax.Array] | None
     mask_gradients: bool = True
+    observe: Callable[[TopologyInputs], tuple] | None = None
+    trained: Callable[[list, Any], list] | None = None
+    finish: Callable[[TopologyInputs, list], tuple] | None = None
 
 
 def periodic_updates(update_every: int, begin_step: int = 0, end_step: int | None = None):
@@ -157,6 +173,12 @@ def _to_list(tree, plan):
 def _masks_tree(params, plan, masks_list):
     by_name = {leaf.name: m for leaf, m in zip(plan, masks_list)}
     return jax.tree_util.tree_map_with_path(lambda p, _: by_name.get(path_to_str(p)), params)
+
+
+def _with_leaves(tree, plan, values):
+    """``tree`` with the plan's leaves replaced by ``values`` (a list in plan order)."""
+    by_name = {leaf.name: v for leaf, v in zip(plan, values)}
+    return jax.tree_util.tree_map_with_path(lambda p, x: by_name.get(path_to_str(p), x), tree)
 
 
 def _keep_tree(masks):
@@ -275,20 +297,25 @@ def sparsifier(
         plan = plan_for(params)
         masks, inner_state, aux = state.masks, state.inner_state, state.aux
 
+        def inputs_at(masks, aux, grads_list):
+            key = jax.random.fold_in(state.key, state.step)
+            return TopologyInputs(plan, _to_list(masks, plan), _to_list(params, plan), grads_list, state.step, key, aux)
+
+        def trained_tree(masks, aux):
+            if topology.trained is None:
+                return masks
+            return _masks_tree(params, plan, topology.trained(_to_list(masks, plan), aux))
+
+        if topology.observe is not None:
+            grads_list, aux = topology.observe(inputs_at(masks, aux, _to_list(updates, plan)))
+            updates = _with_leaves(updates, plan, grads_list)
+        trained = trained_tree(masks, aux)
+
         if topology.is_update_step is not None:
 
             def change_topology(operands):
                 old_masks, aux = operands
-                inputs = TopologyInputs(
-                    plan=plan,
-                    masks=_to_list(old_masks, plan),
-                    params=_to_list(params, plan),
-                    grads=_to_list(updates, plan),
-                    step=state.step,
-                    key=jax.random.fold_in(state.key, state.step),
-                    aux=aux,
-                )
-                new_list, aux = topology.update(inputs)
+                new_list, aux = topology.update(inputs_at(old_masks, aux, _to_list(updates, plan)))
                 return _masks_tree(params, plan, new_list), aux
 
             # Only masks and aux go through the cond: an untaken branch that passed the inner
@@ -296,17 +323,24 @@ def sparsifier(
             masks, aux = lax.cond(
                 topology.is_update_step(state.step), change_topology, lambda operands: operands, (masks, aux)
             )
-            # Zero moments where a weight was pruned or grown. On other steps this select is a
-            # no-op that XLA fuses into the inner optimizer's elementwise update.
-            unchanged = map_masked(jnp.logical_and, state.masks, masks)
-            inner_state = reset_inner_state(inner, inner_state, unchanged)
+            # Train only entries trained both before and after a topology change: moments are
+            # zeroed where a weight was pruned or grown (on other steps this select is a no-op that
+            # XLA fuses into the inner update), and a weight grown now gets no gradient in this
+            # step, so it is still exactly 0 with zero moments after it (as in RigL's reference
+            # implementation, which updates the weights before changing the topology).
+            trained = map_masked(jnp.logical_and, trained, trained_tree(masks, aux))
+            inner_state = reset_inner_state(inner, inner_state, trained)
 
         grads = updates
         if topology.mask_gradients:
-            grads = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), masks, updates)
+            grads = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), trained, updates)
         new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
-        # Pruned entries get -param: apply_updates then stores exactly 0.0 there.
-        new_updates = map_masked(lambda m, u, p: jnp.where(m, u, -p.astype(u.dtype)), masks, new_updates, params)
+        if topology.finish is not None:
+            inputs = inputs_at(masks, aux, _to_list(grads, plan))
+            finished, aux = topology.finish(inputs, _to_list(new_updates, plan))
+            new_updates = _with_leaves(new_updates, plan, finished)
+        else:  # pruned entries get -param: apply_updates then stores exactly 0.0 there
+            new_updates = map_masked(lambda m, u, p: jnp.where(m, u, -p.astype(u.dtype)), masks, new_updates, params)
         new_state = SparsifierState(masks, state.step + 1, state.key, inner_state, aux)
         return new_updates, new_state
 

@@ -1,0 +1,140 @@
+"""SNFS, sparse momentum: prune by magnitude, regrow by momentum, redistributed across layers.
+
+Dettmers & Zettlemoyer (2019), "Sparse Networks from Scratch: Faster Training without Losing
+Performance". Every ``update_every`` steps until ``end_step``, with the cosine-decayed prune rate
+``f(t)``:
+
+1. every sparsified leaf with ``n_l`` active weights drops its ``d_l = floor(f(t) * n_l)``
+   smallest-magnitude ones (at most its number of inactive positions);
+2. the total ``D = sum_l d_l`` is shared out as regrowth across the leaves in proportion to the
+   mean momentum magnitude of each leaf's active weights, capped by each leaf's inactive
+   positions (the excess goes to the other leaves in the same proportions, the rounding
+   remainder leaf by leaf), exactly ``D`` in all;
+3. each leaf grows its share at the inactive positions with the largest momentum magnitude.
+
+The momentum is an exponential moving average of the dense gradients, kept in the sparsifier's
+own state (``aux``), so it works with any inner optimizer. Per-leaf counts move with the
+redistribution (that is the method); the total number of nonzeros stays exactly constant.
+As in :mod:`jaxsparse.dst`, growth picks positions inactive before the update, so no weight is
+dropped and regrown in one update, and grown weights start at exactly 0 with zero moments.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsparse.distributions import uniform
+from jaxsparse.dst import _finite, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
+from jaxsparse.pruning import random_masks
+from jaxsparse.selection import top_k_mask
+from jaxsparse.sparsifier import Topology, TopologyInputs, sparsifier
+
+__all__ = ["snfs", "allocate"]
+
+
+def allocate(total, weights, caps):
+    """Split the integer ``total`` into integer shares proportional to ``weights``, share ``i``
+    at most ``caps[i]``; exactly ``total`` is handed out when ``total <= sum(caps)``.
+
+    Proportional rounds (floored) give each share at most its cap; a capped share drops out and
+    the rest is re-split among the others, as in the sparse momentum reference code. What the
+    flooring leaves (fewer than one per share) goes to the open shares in order. All arithmetic
+    is traced, with static shapes.
+    """
+    weights = jnp.maximum(jnp.asarray(weights, jnp.float32), 0.0)
+    caps = jnp.asarray(caps, jnp.int32)
+    alloc = jnp.zeros_like(caps)
+    remaining = jnp.asarray(total, jnp.int32)
+
+    def clip_in_order(add, remaining):
+        # Never hand out more than what remains, even if float rounding overshoots.
+        before = jnp.cumsum(add) - add
+        return jnp.clip(remaining - before, 0, add)
+
+    for _ in range(len(caps)):  # each round either finishes or caps at least one more share
+        w = jnp.where(alloc < caps, weights, 0.0)
+        total_w = jnp.sum(w)
+        share = jnp.where(total_w > 0, jnp.floor(remaining.astype(jnp.float32) * w / jnp.where(total_w > 0, total_w, 1.0)), 0.0)
+        add = clip_in_order(jnp.minimum(share.astype(jnp.int32), caps - alloc), remaining)
+        alloc, remaining = alloc + add, remaining - jnp.sum(add)
+    add = clip_in_order(caps - alloc, remaining)
+    return alloc + add
+
+
+def _snfs_topology(drop_fraction, end_step, update_every, momentum) -> Topology:
+    fractions = update_fractions(drop_fraction, update_every, end_step).astype(np.float32)
+
+    def init(inputs: TopologyInputs):
+        return random_masks(inputs), [jnp.zeros(leaf.shape, jnp.float32) for leaf in inputs.plan]
+
+    def observe(inputs: TopologyInputs):
+        ema = [momentum * m + (1.0 - momentum) * g.astype(jnp.float32) for m, g in zip(inputs.aux, inputs.grads)]
+        return inputs.grads, ema
+
+    def update(inputs: TopologyInputs):
+        fraction = at_update(fractions, inputs.step, update_every)
+        speed = [jnp.abs(m) for m in inputs.aux]
+        active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
+        drops = [drop_count(n, leaf.size, fraction) for n, leaf in zip(active, inputs.plan)]
+        caps = jnp.stack([leaf.size - n for n, leaf in zip(active, inputs.plan)])
+        mean_speed = jnp.stack(
+            [jnp.sum(jnp.where(m, s, 0.0)) / jnp.maximum(n, 1) for m, s, n in zip(inputs.masks, speed, active)]
+        )
+        grows = allocate(sum(drops), mean_speed, caps)
+        new = []
+        for i, (mask, param) in enumerate(zip(inputs.masks, inputs.params)):
+            kept = top_k_mask(jnp.where(mask, _finite(jnp.abs(param)), -jnp.inf), active[i] - drops[i])
+            grown = top_k_mask(jnp.where(mask, -jnp.inf, _finite(speed[i])), grows[i])
+            new.append(kept | grown)
+        return new, inputs.aux
+
+    return Topology(
+        init=init, update=update, is_update_step=dst_update_steps(update_every, end_step), observe=observe
+    )
+
+
+def snfs(
+    inner: optax.GradientTransformation,
+    *,
+    sparsity,
+    update_every: int = 100,
+    end_step: int,
+    drop_fraction: float = 0.5,
+    momentum: float = 0.9,
+    seed=0,
+    include=None,
+    exclude=None,
+    overrides=None,
+) -> optax.GradientTransformationExtraArgs:
+    """SNFS / sparse momentum (Dettmers & Zettlemoyer, 2019, "Sparse Networks from Scratch:
+    Faster Training without Losing Performance").
+
+    Starts from a random mask; every ``update_every`` steps until ``end_step`` prunes the fraction
+    ``f(t)`` (``drop_fraction`` decayed by RigL's cosine, the paper's prune-rate annealing) of
+    each leaf's active weights by magnitude and regrows the same total, redistributed across
+    leaves by the mean momentum magnitude of their active weights and placed at the inactive
+    positions with the largest momentum (see the module docstring). The total number of nonzeros
+    is exactly constant; per-leaf counts follow the redistribution.
+
+    Args:
+      inner: the optax transformation to wrap.
+      sparsity: initial sparsity: a float (the same in every leaf, as in the paper) or a
+        distribution (``jaxsparse.erk(0.9)``).
+      update_every: steps between topology updates (the first at step ``update_every``).
+      end_step: no topology change from this step on.
+      drop_fraction: prune rate at step 0 (the paper's default 0.5).
+      momentum: decay of the gradient moving average used as the momentum (0.9 in the paper).
+      seed, include, exclude, overrides: see :func:`jaxsparse.sparsifier`.
+    """
+    if end_step is None:
+        raise ValueError("snfs needs end_step, the step at which its cosine prune rate reaches 0")
+    if not 0.0 <= float(momentum) < 1.0:
+        raise ValueError(f"momentum must be in [0, 1); got {momentum!r}")
+    topology = _snfs_topology(drop_fraction, end_step, update_every, float(momentum))
+    return sparsifier(
+        inner, sparsity=paper_distribution(sparsity, uniform), topology=topology,
+        include=include, exclude=exclude, overrides=overrides, seed=seed,
+    )

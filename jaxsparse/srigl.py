@@ -1,0 +1,186 @@
+"""SRigL: RigL with a constant fan-in per output neuron, and neuron ablation.
+
+Lasby, Golubeva, Evci, Nica & Ioannou (2024), "Dynamic Sparse Training with Structured
+Sparsity", ICLR. Constant fan-in (every active output neuron has exactly the same number ``k``
+of nonzero inputs) is what lets a condensed dense kernel of shape ``(k, n_out)`` compute the
+layer fast.
+
+A leaf is viewed as a matrix ``(fan_in, n_out)`` with the output axis (``output_axis``, default
+the last one, flax's ``(in, out)`` kernels and ``(h, w, in, out)`` convolutions) as columns.
+At init every column gets ``k0 = floor(budget / n_out)`` random nonzeros, so the leaf holds
+``k0 * n_out`` of its distribution's budget ``N - floor(s N)``. Every ``update_every`` steps
+until ``end_step``, with RigL's cosine drop fraction ``f(t)`` and ``nnz`` active weights:
+
+1. RigL's layer-wise selection: the ``nnz - d`` active weights with the largest magnitude are
+   kept, ``d = floor(f(t) * nnz)``, and the ``d`` inactive positions with the largest dense
+   gradient magnitude are the growth candidates.
+2. Neuron ablation: a neuron with fewer than ``gamma_sal * k`` salient weights (kept or
+   candidate, ``k`` its current fan-in) is ablated (all its weights removed); at least the most
+   salient neuron stays. The fan-in becomes ``k' = min(fan_in, floor(k0 * n_out / active))`` so
+   the layer keeps its density (exactly ``k0 * n_out`` nonzeros while no neuron is ablated).
+3. Every active neuron keeps its ``min(k', kept)`` largest kept weights and grows the rest up to
+   ``k'`` by gradient magnitude among its positions inactive before the update (only when a
+   neuron runs out of those, a weight dropped in step 1 comes back, keeping its value).
+
+Ablated neurons may come back at a later update when enough of their gradients are salient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxsparse.distributions import erk
+from jaxsparse.dst import _finite, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
+from jaxsparse.selection import score_keys, top_k_mask
+from jaxsparse.sparsifier import LeafPlan, Topology, TopologyInputs, sparsifier
+
+__all__ = ["srigl", "fan_in_counts", "neuron_top_k"]
+
+
+def _as_matrix(x, output_axis: int):
+    """``x`` as ``(fan_in, n_out)``: the output axis last, the others flattened."""
+    x = jnp.moveaxis(x, output_axis, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _from_matrix(m, shape, output_axis: int):
+    moved = list(shape)
+    n_out = moved.pop(output_axis % len(shape))
+    return jnp.moveaxis(m.reshape(*moved, n_out), -1, output_axis)
+
+
+def fan_in_counts(mask, output_axis: int = -1):
+    """Nonzeros per output neuron of a mask (its fan-in), a vector of length ``n_out``."""
+    return jnp.sum(_as_matrix(mask, output_axis), axis=0, dtype=jnp.int32)
+
+
+def neuron_top_k(scores, ks):
+    """Per column of ``scores`` ``(fan_in, n_out)``, a mask of its ``ks[j]`` largest entries
+    (``ks`` clipped to ``[0, fan_in]``), exact, ties to the lowest row.
+
+    All columns are searched at once by building each column's k-th largest order key bit by
+    bit from the top (32 compare-and-count passes, no sort, static shapes): the key ``t`` is the
+    largest with at least ``k`` keys ``>= t``. Entries above ``t`` are kept, then entries equal
+    to ``t`` in row order up to ``k``.
+    """
+    keys = score_keys(scores)
+    ks = jnp.clip(jnp.asarray(ks, jnp.int32), 0, scores.shape[0])
+
+    def add_bit(i, prefix):
+        candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        enough = jnp.sum(keys >= candidate, axis=0, dtype=jnp.int32) >= ks
+        return jnp.where(enough, candidate, prefix)
+
+    threshold = lax.fori_loop(0, 32, add_bit, jnp.zeros(scores.shape[1], jnp.uint32))
+    above = keys > threshold
+    ties = keys == threshold
+    quota = ks - jnp.sum(above, axis=0, dtype=jnp.int32)
+    return (above | (ties & (jnp.cumsum(ties, axis=0, dtype=jnp.int32) <= quota))) & (ks > 0)
+
+
+def _fan_in(leaf: LeafPlan, output_axis: int):
+    if len(leaf.shape) < 2:
+        raise ValueError(
+            f"srigl needs leaves with an input and an output axis; leaf {leaf.name!r} has shape {leaf.shape}"
+        )
+    if not -len(leaf.shape) <= output_axis < len(leaf.shape):
+        raise ValueError(f"output_axis {output_axis} is out of range for leaf {leaf.name!r} of shape {leaf.shape}")
+    n_out = leaf.shape[output_axis]
+    fan_in = leaf.size // n_out
+    k0 = min(max(leaf.keep // n_out, 1), fan_in)
+    return fan_in, n_out, k0
+
+
+def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axis) -> Topology:
+    fractions = update_fractions(drop_fraction, update_every, end_step).astype(np.float32)
+
+    def init(inputs: TopologyInputs):
+        keys = jax.random.split(inputs.key, max(len(inputs.plan), 1))
+        masks = []
+        for leaf, key in zip(inputs.plan, keys):
+            fan_in, n_out, k0 = _fan_in(leaf, output_axis)
+            chosen = neuron_top_k(jax.random.uniform(key, (fan_in, n_out)), jnp.full((n_out,), k0))
+            masks.append(_from_matrix(chosen, leaf.shape, output_axis))
+        return masks, ()
+
+    def update_leaf(leaf, mask, param, grad, fraction):
+        fan_in, n_out, k0 = _fan_in(leaf, output_axis)
+        m = _as_matrix(mask, output_axis)
+        magnitude = _finite(jnp.abs(_as_matrix(param, output_axis)))
+        gradient = _finite(jnp.abs(_as_matrix(grad, output_axis)))
+        counts = jnp.sum(m, axis=0, dtype=jnp.int32)
+        nnz = jnp.sum(counts)
+        d = drop_count(nnz, leaf.size, fraction)
+        kept = top_k_mask(jnp.where(m, magnitude, -jnp.inf), nnz - d)
+        candidates = top_k_mask(jnp.where(m, -jnp.inf, gradient), d)
+
+        salient = jnp.sum(kept | candidates, axis=0, dtype=jnp.int32)
+        active = salient.astype(jnp.float32) >= gamma_sal * jnp.max(counts).astype(jnp.float32)
+        most_salient = jnp.arange(n_out) == jnp.argmax(salient)
+        active = jnp.where(jnp.any(active), active, most_salient)
+        fan = jnp.minimum(fan_in, (k0 * n_out) // jnp.sum(active, dtype=jnp.int32))
+
+        n_keep = jnp.where(active, jnp.minimum(jnp.sum(kept, axis=0, dtype=jnp.int32), fan), 0)
+        keep = neuron_top_k(jnp.where(kept, magnitude, -jnp.inf), n_keep)
+        # Growth prefers positions inactive before the update (scored by |g| >= 0); a weight
+        # dropped above (-1) is taken back only when a neuron has too few of them.
+        grow_scores = jnp.where(keep, -jnp.inf, jnp.where(m, -1.0, gradient))
+        grown = neuron_top_k(grow_scores, jnp.where(active, fan - n_keep, 0))
+        return _from_matrix(keep | grown, leaf.shape, output_axis)
+
+    def update(inputs: TopologyInputs):
+        fraction = at_update(fractions, inputs.step, update_every)
+        new = [
+            update_leaf(leaf, m, p, g, fraction)
+            for leaf, m, p, g in zip(inputs.plan, inputs.masks, inputs.params, inputs.grads)
+        ]
+        return new, inputs.aux
+
+    return Topology(init=init, update=update, is_update_step=dst_update_steps(update_every, end_step))
+
+
+def srigl(
+    inner: optax.GradientTransformation,
+    *,
+    sparsity,
+    update_every: int = 100,
+    end_step: int,
+    drop_fraction: float = 0.3,
+    gamma_sal: float = 0.3,
+    output_axis: int = -1,
+    seed=0,
+    include=None,
+    exclude=None,
+    overrides=None,
+) -> optax.GradientTransformationExtraArgs:
+    """SRigL (Lasby et al., 2024, "Dynamic Sparse Training with Structured Sparsity", ICLR):
+    RigL with a constant fan-in per output neuron and neuron ablation.
+
+    See the module docstring for the update. A float ``sparsity`` is spread with ERK (as in the
+    paper); each leaf keeps ``floor(budget / n_out)`` nonzeros per output neuron.
+
+    Args:
+      inner: the optax transformation to wrap.
+      sparsity: a float (spread by ERK) or a distribution.
+      update_every, end_step, drop_fraction: as in :func:`jaxsparse.rigl`.
+      gamma_sal: minimum fraction of a neuron's fan-in that must be salient for the neuron to
+        stay active (the paper's ``gamma_sal``, 0.3); 0 disables ablation.
+      output_axis: the axis of output neurons in every sparsified leaf (-1 for flax/haiku
+        ``(in, out)`` kernels, 0 for equinox/PyTorch ``(out, in)`` weights).
+      seed, include, exclude, overrides: see :func:`jaxsparse.sparsifier`.
+    """
+    if end_step is None:
+        raise ValueError("srigl needs end_step, the step at which its cosine drop fraction reaches 0")
+    if not 0.0 <= float(gamma_sal) <= 1.0:
+        raise ValueError(f"gamma_sal must be in [0, 1]; got {gamma_sal!r}")
+    if not isinstance(output_axis, int) or isinstance(output_axis, bool):
+        raise ValueError(f"output_axis must be an int; got {output_axis!r}")
+    topology = _srigl_topology(drop_fraction, end_step, update_every, float(gamma_sal), output_axis)
+    return sparsifier(
+        inner, sparsity=paper_distribution(sparsity, erk), topology=topology,
+        include=include, exclude=exclude, overrides=overrides, seed=seed,
+    )

@@ -1,0 +1,145 @@
+"""Top-KAST: always-sparse training with a top-k forward set and a larger backward set.
+
+Jayakumar, Pascanu, Rae, Osindero & Elsen (2020), "Top-KAST: Top-K Always Sparse Training",
+NeurIPS. The method keeps weights ``theta`` and, per layer,
+
+- the forward set ``A``: the top-``D`` fraction of ``|theta|`` (the sparse model),
+- the backward set ``B``: the top-``(D + M)`` fraction, a superset of ``A``; gradients computed
+  through the sparse forward pass update ``theta`` on ``B`` only, so weights just outside ``A``
+  can grow into it,
+- an exploration penalty, L2 on ``A`` and L2 scaled by ``1 / D`` on ``B \\ A``, so a weight
+  outside ``A`` must earn its way in.
+
+How it fits "params are the sparse model" (DESIGN.md invariant 1): params hold ``theta`` on
+``A`` and exactly 0 elsewhere, ``get_masks`` returns ``A``, and the dense ``theta`` lives in the
+sparsifier state as shadow weights (``state.aux.shadow``, one array per sparsified leaf, plus
+the backward masks ``state.aux.backward``). The loss gradient with respect to params is the
+gradient with respect to the forward weights the paper uses; the inner optimizer sees it on
+``B`` (its moments are kept on ``B`` and reset where ``B`` changes), the shadow takes the inner
+update on ``B``, and params become ``theta * A``. The shadow costs one params-sized buffer.
+
+``A`` and ``B`` are recomputed from ``|theta|`` every ``update_every`` steps (exact budgets
+``N - floor(s N)`` per leaf, ties to the lowest index). The paper defines them at every step
+(``update_every=1``); since the loss of a step is computed before the optimizer runs, the sets
+used by a step's forward pass are those computed from the weights one step earlier.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import optax
+
+from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
+from jaxsparse.dst import _finite, dst_update_steps
+from jaxsparse.selection import top_k_mask
+from jaxsparse.sparsifier import Topology, TopologyInputs, sparsifier
+
+__all__ = ["TopKastAux", "topkast"]
+
+
+class TopKastAux(NamedTuple):
+    """Top-KAST's part of the sparsifier state: lists aligned with the sparsified leaves.
+
+    Attributes:
+      shadow: the dense weights ``theta`` (params hold ``theta`` on the forward set only).
+      backward: the backward-set masks ``B`` (a superset of the forward masks).
+    """
+
+    shadow: list
+    backward: list
+
+
+def _topkast_topology(backward: Distribution, penalty: float, update_every: int) -> Topology:
+    def backward_keeps(plan):
+        targets = backward.solve({leaf.name: leaf.shape for leaf in plan})
+        # At least the forward budget: an override may make a leaf denser forward than backward.
+        return [max(keep_count(leaf.size, targets[leaf.name]), leaf.keep) for leaf in plan]
+
+    def sets(plan, shadow):
+        magnitudes = [_finite(jnp.abs(theta)) for theta in shadow]
+        forward = [top_k_mask(s, leaf.keep) for s, leaf in zip(magnitudes, plan)]
+        back = [top_k_mask(s, k) for s, k in zip(magnitudes, backward_keeps(plan))]
+        return forward, back
+
+    def init(inputs: TopologyInputs):
+        forward, back = sets(inputs.plan, inputs.params)
+        return forward, TopKastAux(shadow=list(inputs.params), backward=back)
+
+    def update(inputs: TopologyInputs):
+        forward, back = sets(inputs.plan, inputs.aux.shadow)
+        return forward, inputs.aux._replace(backward=back)
+
+    def observe(inputs: TopologyInputs):
+        # Gradient of the exploration penalty penalty/2 * (|theta_A|^2 + |theta_{B\A}|^2 / D).
+        grads = []
+        for leaf, g, a, b, theta in zip(inputs.plan, inputs.grads, inputs.masks, inputs.aux.backward, inputs.aux.shadow):
+            scale = jnp.where(a, penalty, jnp.where(b, penalty * leaf.size / leaf.keep, 0.0))
+            grads.append((g + scale * theta.astype(jnp.float32)).astype(g.dtype))
+        return grads, inputs.aux
+
+    def finish(inputs: TopologyInputs, inner_updates):
+        shadow, updates = [], []
+        for u, a, b, theta, p in zip(inner_updates, inputs.masks, inputs.aux.backward, inputs.aux.shadow, inputs.params):
+            theta = jnp.where(b, (theta + u).astype(theta.dtype), theta)
+            shadow.append(theta)
+            # params become theta on A and exactly 0 elsewhere
+            updates.append((jnp.where(a, theta, jnp.zeros((), theta.dtype)) - p).astype(u.dtype))
+        return updates, inputs.aux._replace(shadow=shadow)
+
+    return Topology(
+        init=init,
+        update=update,
+        is_update_step=dst_update_steps(update_every, None),
+        observe=observe if penalty > 0 else None,
+        trained=lambda masks, aux: aux.backward,
+        finish=finish,
+    )
+
+
+def topkast(
+    inner: optax.GradientTransformation,
+    *,
+    sparsity,
+    backward_sparsity,
+    penalty: float = 0.0,
+    update_every: int = 100,
+    include=None,
+    exclude=None,
+    overrides=None,
+) -> optax.GradientTransformationExtraArgs:
+    """Top-KAST (Jayakumar et al., 2020, "Top-KAST: Top-K Always Sparse Training", NeurIPS).
+
+    The forward weights (params) are the top ``1 - sparsity`` fraction of the shadow weights by
+    magnitude in each leaf; gradients update the shadow weights on the larger top
+    ``1 - backward_sparsity`` fraction (see the module docstring).
+
+    Args:
+      inner: the optax transformation to wrap.
+      sparsity: forward sparsity, a float (the same in every leaf, as in the paper) or a
+        distribution.
+      backward_sparsity: backward-set sparsity, a float (uniform) or a distribution, at most
+        ``sparsity`` (each leaf's backward set holds at least its forward set).
+      penalty: coefficient of the exploration penalty (L2 on the forward set, scaled by
+        ``1 / D`` on the rest of the backward set, ``D`` the forward density); 0 disables it.
+      update_every: steps between recomputations of both sets (1 = every step, as in the paper).
+      include, exclude, overrides: see :func:`jaxsparse.sparsifier` (overrides apply to the
+        forward sparsity).
+
+    The sets come from magnitudes, with no randomness, so there is no seed.
+    """
+    forward = as_distribution(sparsity)
+    if not isinstance(backward_sparsity, Distribution):
+        backward_sparsity = check_sparsity(backward_sparsity, "backward_sparsity")
+    backward = as_distribution(backward_sparsity)
+    if not isinstance(sparsity, Distribution) and not isinstance(backward_sparsity, Distribution):
+        if backward_sparsity > check_sparsity(sparsity):
+            raise ValueError(
+                f"backward_sparsity ({backward_sparsity}) must not exceed sparsity ({sparsity}): "
+                "the backward set is a superset of the forward set"
+            )
+    if float(penalty) < 0:
+        raise ValueError(f"penalty must be >= 0; got {penalty!r}")
+    topology = _topkast_topology(backward, float(penalty), update_every)
+    return sparsifier(inner, sparsity=forward, topology=topology, include=include, exclude=exclude, overrides=overrides)

@@ -1,0 +1,81 @@
+"""SNFS / sparse momentum (jaxsparse.snfs): redistribution by momentum, exact total budget."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsparse as js
+from jaxsparse.snfs import allocate
+from dst_testing import run
+
+
+def test_allocate_is_exact_proportional_and_capped():
+    alloc = jax.jit(allocate)
+    np.testing.assert_array_equal(alloc(10, jnp.array([1.0, 1.0]), jnp.array([100, 100])), [5, 5])
+    np.testing.assert_array_equal(alloc(12, jnp.array([3.0, 1.0]), jnp.array([100, 100])), [9, 3])
+    # A capped share gives its excess to the others.
+    np.testing.assert_array_equal(alloc(12, jnp.array([3.0, 1.0]), jnp.array([4, 100])), [4, 8])
+    # Rounding remainders are handed out, never lost; all-zero weights still place everything.
+    for total, weights, caps in [
+        (7, [1.0, 1.0, 1.0], [5, 5, 5]),
+        (9, [0.0, 0.0, 0.0], [2, 3, 4]),
+        (1000, [0.2, 5.0, 1e-6, 3.3], [10, 400, 900, 300]),
+    ]:
+        out = np.asarray(alloc(total, jnp.array(weights), jnp.array(caps)))
+        assert out.sum() == total and np.all(out <= caps) and np.all(out >= 0), out
+
+
+def linear_loss(params, x, y):
+    # Constant gradients: 100x larger on "a" than on "b".
+    del y
+    return 100.0 * jnp.sum(params["a"] * x[0]) + jnp.sum(params["b"] * x[1])
+
+
+@pytest.mark.compat
+def test_regrowth_follows_momentum_total_exact():
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+    params = {"a": jax.random.normal(k1, (8, 8)), "b": jax.random.normal(k2, (8, 8))}
+    coefficients = jnp.stack([jax.random.normal(k3, (8, 8)), jax.random.normal(k4, (8, 8))])
+    tx = js.snfs(optax.sgd(1e-3), sparsity=0.75, update_every=2, end_step=100, drop_fraction=0.5, momentum=0.9)
+    records = run(tx, steps=3, params=params, loss=linear_loss, batches=lambda t: (coefficients, None))
+    before, after = records[2], records[3]  # the update at step 2
+    assert before.masks["a"].sum() == before.masks["b"].sum() == 16
+    # f(2) = 0.25 (1 + cos(pi / 50)) ~ 0.4995: each leaf drops floor(f * 16) = 7 of its 16; all 14
+    # regrow in "a", whose mean momentum is ~100x larger.
+    assert after.masks["a"].sum() == 16 - 7 + 14
+    assert after.masks["b"].sum() == 16 - 7
+    assert after.masks["a"].sum() + after.masks["b"].sum() == 32
+    # The momentum is an EMA of the dense gradients, in the sparsifier's own state.
+    ema = after.state.aux
+    np.testing.assert_allclose(ema[0], (1 - 0.9**3) * 100.0 * coefficients[0], rtol=1e-5)
+    np.testing.assert_allclose(ema[1], (1 - 0.9**3) * coefficients[1], rtol=1e-5)
+    # Growth picks the inactive positions with the largest momentum.
+    grown = after.masks["a"] & ~before.masks["a"]
+    inactive = ~before.masks["a"]
+    speed = np.abs(np.asarray(coefficients[0]))
+    assert speed[grown].min() >= speed[inactive & ~grown].max()
+    for name in ("a", "b"):
+        assert np.all(after.params[name][~after.masks[name]] == 0)
+        assert np.all(after.params[name][after.masks[name] & ~before.masks[name]] == 0)
+
+
+def test_total_constant_and_no_change_after_end_step():
+    tx = js.snfs(optax.adam(1e-2), sparsity=js.uniform(0.75), update_every=2, end_step=7)
+    records = run(tx, steps=10)
+    total = sum(m.sum() for m in records[0].masks.values())
+    for t, r in enumerate(records):
+        assert sum(m.sum() for m in r.masks.values()) == total
+        if t >= 8:  # record t is after step t - 1; no update from step 7 on
+            for name in r.masks:
+                np.testing.assert_array_equal(r.masks[name], records[7].masks[name])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="end_step"):
+        js.snfs(optax.sgd(0.1), sparsity=0.9, end_step=None)
+    with pytest.raises(ValueError, match="momentum"):
+        js.snfs(optax.sgd(0.1), sparsity=0.9, end_step=10, momentum=1.0)
+    with pytest.raises(ValueError, match="drop_fraction"):
+        js.snfs(optax.sgd(0.1), sparsity=0.9, end_step=10, drop_fraction=2.0)
