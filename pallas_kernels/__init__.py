@@ -3,4 +3,8 @@
 Depends only on jax. See DESIGN.md ("Kernels").
 """
 
+from pallas_kernels.bsr_format import BlockSparseMatrix, BlockSparsePattern
+from pallas_kernels.bsr_matmul import bsr_matmul, default_bsr_backend
+
 __all__ = []
+__all__ += ["BlockSparseMatrix", "BlockSparsePattern", "bsr_matmul", "default_bsr_backend"]
