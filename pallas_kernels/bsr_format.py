@@ -29,6 +29,8 @@ keep ``data`` as a trainable parameter and the pattern elsewhere.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +59,20 @@ def _check_block_shape(shape, block_shape):
 def _rank_in_lists(mask, axis):
     """Position of each True entry of ``mask`` among the True entries of its line along ``axis``."""
     return jnp.cumsum(mask.astype(jnp.int32), axis=axis) - 1
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _block_lists(block_mask, max_k, max_n):
+    """The five index arrays of a pattern (jitted: built eagerly it would be dozens of dispatches)."""
+    # Keep only blocks that fit in both lists (a no-op unless a traced mask exceeds a cap).
+    kept = block_mask & (_rank_in_lists(block_mask, 0) < max_k)
+    kept = kept & (_rank_in_lists(kept, 1) < max_n)
+    col_rows, col_counts = compress_block_mask(kept.T, max_k)
+    row_cols, row_counts = compress_block_mask(kept, max_n)
+    # Slot of block (k, n) in column n's list is its rank among the kept blocks of that column.
+    rank = jnp.maximum(_rank_in_lists(kept, 0), 0)
+    row_slots = row_cols * max_k + jnp.take_along_axis(rank, row_cols, axis=1)
+    return col_rows, col_counts, row_cols, row_slots.astype(jnp.int32), row_counts
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -129,18 +145,8 @@ class BlockSparsePattern:
                     f"{mask_np.sum(0).max()} and a block row with {mask_np.sum(1).max()} nonzero blocks, "
                     f"more than max_blocks_per_col={max_k} or max_blocks_per_row={max_n}"
                 )
-        # Keep only blocks that fit in both lists (a no-op unless a traced mask exceeds a cap).
-        kept = block_mask & (_rank_in_lists(block_mask, 0) < max_k)
-        kept = kept & (_rank_in_lists(kept, 1) < max_n)
-        col_rows, col_counts = compress_block_mask(kept.T, max_k)
-        row_cols, row_counts = compress_block_mask(kept, max_n)
-        # Slot of block (k, n) in column n's list is its rank among the kept blocks of that column.
-        rank = jnp.maximum(_rank_in_lists(kept, 0), 0)
-        row_slots = row_cols * max_k + jnp.take_along_axis(rank, row_cols, axis=1)
-        return cls(
-            col_rows, col_counts, row_cols, row_slots.astype(jnp.int32), row_counts,
-            shape=(kb * bk, nb * bn), block_shape=(bk, bn),
-        )
+        lists = _block_lists(block_mask, max_k, max_n)
+        return cls(*lists, shape=(kb * bk, nb * bn), block_shape=(bk, bn))
 
     @property
     def grid(self):
@@ -176,12 +182,14 @@ class BlockSparsePattern:
         """``(cols, slots, counts)`` for ``dy @ W.T``: per block row k, its n-blocks and their slots."""
         return self.row_cols, self.row_slots, self.row_counts
 
+    @jax.jit
     def block_mask(self):
         """Boolean ``[Kb, Nb]`` mask of the stored (nonzero) blocks."""
         kb, nb = self.grid
         cols = jnp.broadcast_to(jnp.arange(nb)[:, None], self.col_rows.shape)
         return jnp.zeros((kb, nb), bool).at[self.col_rows, cols].max(self.valid_slots())
 
+    @jax.jit
     def take_blocks(self, dense):
         """The blocks of a dense ``(K, N)`` matrix at this pattern's slots, ``[Nb, max_k, bk, bn]``.
 
@@ -263,6 +271,7 @@ class BlockSparseMatrix:
         )
         return cls(pattern.take_blocks(w), pattern)
 
+    @jax.jit
     def to_dense(self):
         """The ``(K, N)`` dense matrix (zeros outside the stored blocks)."""
         kb, nb = self.pattern.grid

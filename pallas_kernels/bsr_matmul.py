@@ -35,7 +35,9 @@ class _Path(NamedTuple):
     sddmm: callable
 
 
-def _path(backend, interpret) -> _Path:
+def _path(config) -> _Path:
+    """The two products of one path; ``config`` is the hashable ``(backend, interpret)``."""
+    backend, interpret = config
     if backend == "xla":
         return _Path(bsr_matmul_xla.dsd_matmul, bsr_matmul_xla.sddmm)
     module = bsr_matmul_tpu if backend == "tpu" else bsr_matmul_gpu
@@ -59,17 +61,17 @@ def default_bsr_backend(w: BlockSparseMatrix) -> str:
     return "xla"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _matmul(path, x, data, pattern):
+def _forward(config, x, data, pattern):
     bk, bn = pattern.block_shape
-    return path.dsd_matmul(x, data.reshape(-1, bk, bn), *pattern.column_lists())
+    return _path(config).dsd_matmul(x, data.reshape(-1, bk, bn), *pattern.column_lists())
 
 
-def _matmul_fwd(path, x, data, pattern):
-    return _matmul(path, x, data, pattern), (x, data, pattern)
+def _forward_with_residuals(config, x, data, pattern):
+    return _forward(config, x, data, pattern), (x, data, pattern)
 
 
-def _matmul_bwd(path, residuals, dy):
+def _backward(config, residuals, dy):
+    path = _path(config)
     x, data, pattern = residuals
     bk, bn = pattern.block_shape
     dx = path.dsd_matmul(dy, data.reshape(-1, bk, bn), *pattern.row_lists(), transpose_blocks=True,
@@ -78,7 +80,10 @@ def _matmul_bwd(path, residuals, dy):
     return dx, ddata, None  # the pattern is integer: no cotangent
 
 
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_differentiable = jax.custom_vjp(_forward, nondiff_argnums=(0,))
+_differentiable.defvjp(_forward_with_residuals, _backward)
+# One dispatch per call when used eagerly; ``config`` is the hashable (backend, interpret).
+_matmul = jax.jit(_differentiable, static_argnums=0)
 
 
 def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret=False):
@@ -117,5 +122,5 @@ def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret
     elif backend == "gpu":
         bsr_matmul_gpu.check_gpu_blocks(w.shape, w.block_shape)
     dtype = jnp.result_type(x.dtype, w.dtype)
-    y = _matmul(_path(backend, interpret), x.reshape(-1, k).astype(dtype), w.data.astype(dtype), w.pattern)
+    y = _matmul((backend, interpret), x.reshape(-1, k).astype(dtype), w.data.astype(dtype), w.pattern)
     return y.reshape(*x.shape[:-1], n)
