@@ -205,11 +205,8 @@ class BlockSparsePattern:
         blocks = jnp.take_along_axis(by_col, self.col_rows[:, :, None, None], axis=1)
         return jnp.where(self.valid_slots()[:, :, None, None], blocks, jnp.zeros((), dense.dtype))
 
-    def __repr__(self):
-        return (
-            f"BlockSparsePattern(shape={self.shape}, block_shape={self.block_shape}, "
-            f"max_blocks_per_col={self.max_blocks_per_col}, max_blocks_per_row={self.max_blocks_per_row})"
-        )
+    def __repr__(self):  # leaves may be anything here (tree_map results), so only static fields
+        return f"BlockSparsePattern(shape={self.shape}, block_shape={self.block_shape})"
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -319,8 +316,5 @@ class BlockSparseMatrix:
         return bsr_matmul(x, self)
 
     def __repr__(self):
-        return (
-            f"BlockSparseMatrix(shape={self.shape}, block_shape={self.block_shape}, dtype={self.dtype}, "
-            f"max_blocks_per_col={self.pattern.max_blocks_per_col}, "
-            f"max_blocks_per_row={self.pattern.max_blocks_per_row})"
-        )
+        data = f"{getattr(self.data, 'dtype', '?')}{list(getattr(self.data, 'shape', ()))}"
+        return f"BlockSparseMatrix(shape={self.shape}, block_shape={self.block_shape}, data={data})"
