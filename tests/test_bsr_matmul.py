@@ -164,7 +164,11 @@ def test_kernels_lower_for_their_device(platform):
         y, vjp = jax.vjp(lambda x, d: bsr_matmul(x, w.with_data(d), backend=backend), x, data)
         return y, vjp(y)
 
-    text = jax.jit(fwd_and_grads).trace(x, w.data).lower(lowering_platforms=(platform,)).as_text()
+    # Newer jax needs a target device to lower kernels without one: describe an abstract one.
+    kind, cores = ("NVIDIA H100 80GB HBM3", 132) if platform == "cuda" else ("TPU v5 lite", 1)
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=cores, platform=platform)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        text = jax.jit(fwd_and_grads).trace(x, w.data).lower(lowering_platforms=(platform,)).as_text()
     marker = "triton" if platform == "cuda" else "tpu_custom_call"
     assert text.count(marker) >= 3  # forward, input gradient, weight gradient
 
