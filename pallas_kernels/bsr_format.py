@@ -61,6 +61,18 @@ def _rank_in_lists(mask, axis):
     return jnp.cumsum(mask.astype(jnp.int32), axis=axis) - 1
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _apply_mask(w, mask, block_shape):
+    """``(w with entries outside an element mask zeroed, [Kb, Nb] block mask)`` (see ``from_dense``)."""
+    bk, bn = block_shape
+    blocked = (w.shape[0] // bk, bk, w.shape[1] // bn, bn)
+    if mask is None:
+        return w, jnp.any(w.reshape(blocked) != 0, axis=(1, 3))
+    if mask.shape == w.shape:
+        return jnp.where(mask, w, jnp.zeros((), w.dtype)), jnp.any(mask.reshape(blocked), axis=(1, 3))
+    return w, mask
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _block_lists(block_mask, max_k, max_n):
     """The five index arrays of a pattern (jitted: built eagerly it would be dozens of dispatches)."""
@@ -117,17 +129,17 @@ class BlockSparsePattern:
             beyond them are then dropped (from both lists, so all products stay consistent).
           max_blocks_per_row: static list length ``max_n`` of each block row, likewise.
         """
-        block_mask = jnp.asarray(block_mask)
+        traced = isinstance(block_mask, jax.core.Tracer)
+        # A concrete mask is handled in numpy: its maxima are host values anyway.
+        block_mask = block_mask.astype(bool) if traced else np.asarray(block_mask).astype(bool)
         if block_mask.ndim != 2:
             raise ValueError(f"block_mask must be 2-D [Kb, Nb]; got shape {block_mask.shape}")
-        block_mask = block_mask.astype(bool)
         kb, nb = block_mask.shape
         try:
             bk, bn = (int(b) for b in block_shape)
         except (TypeError, ValueError):
             raise ValueError(f"block_shape must be a pair of ints (bk, bn); got {block_shape!r}") from None
         bk, bn = _check_block_shape((kb * bk, nb * bn), (bk, bn))
-        traced = isinstance(block_mask, jax.core.Tracer)
         if traced and (max_blocks_per_col is None or max_blocks_per_row is None):
             raise ValueError(
                 "max_blocks_per_col and max_blocks_per_row must be given when the block mask is "
@@ -137,14 +149,12 @@ class BlockSparsePattern:
         max_n = _longest_row(block_mask) if max_blocks_per_row is None else int(max_blocks_per_row)
         if max_k < 1 or max_n < 1:
             raise ValueError(f"max_blocks_per_col and max_blocks_per_row must be >= 1; got {max_k}, {max_n}")
-        if not traced:
-            mask_np = np.asarray(block_mask)
-            if mask_np.sum(0).max(initial=0) > max_k or mask_np.sum(1).max(initial=0) > max_n:
-                raise ValueError(
-                    f"block mask of shape {block_mask.shape} has a block column with "
-                    f"{mask_np.sum(0).max()} and a block row with {mask_np.sum(1).max()} nonzero blocks, "
-                    f"more than max_blocks_per_col={max_k} or max_blocks_per_row={max_n}"
-                )
+        if not traced and (block_mask.sum(0).max(initial=0) > max_k or block_mask.sum(1).max(initial=0) > max_n):
+            raise ValueError(
+                f"block mask of shape {block_mask.shape} has a block column with "
+                f"{block_mask.sum(0).max()} and a block row with {block_mask.sum(1).max()} nonzero blocks, "
+                f"more than max_blocks_per_col={max_k} or max_blocks_per_row={max_n}"
+            )
         lists = _block_lists(block_mask, max_k, max_n)
         return cls(*lists, shape=(kb * bk, nb * bn), block_shape=(bk, bn))
 
@@ -245,24 +255,17 @@ class BlockSparseMatrix:
         bk, bn = _check_block_shape(w.shape, block_shape)
         if not jnp.issubdtype(w.dtype, jnp.floating):
             raise ValueError(f"w must have a floating dtype; got {w.dtype} for shape {w.shape}")
-        k, n = w.shape
-        grid = (k // bk, n // bn)
-        if mask is None:
-            block_mask = jnp.any(w.reshape(grid[0], bk, grid[1], bn) != 0, axis=(1, 3))
-        else:
+        grid = (w.shape[0] // bk, w.shape[1] // bn)
+        if mask is not None:
             mask = jnp.asarray(mask)
             if mask.dtype != bool:
                 raise ValueError(f"mask must be boolean; got dtype {mask.dtype} for shape {mask.shape}")
-            if mask.shape == w.shape:
-                w = jnp.where(mask, w, jnp.zeros((), w.dtype))
-                block_mask = jnp.any(mask.reshape(grid[0], bk, grid[1], bn), axis=(1, 3))
-            elif mask.shape == grid:
-                block_mask = mask
-            else:
+            if mask.shape not in (w.shape, grid):
                 raise ValueError(
                     f"mask of shape {mask.shape} is neither an element mask {w.shape} nor a block "
                     f"mask {grid} for w of shape {w.shape} with block_shape {(bk, bn)}"
                 )
+        w, block_mask = _apply_mask(w, mask, (bk, bn))
         pattern = BlockSparsePattern.from_block_mask(
             block_mask, (bk, bn), max_blocks_per_col=max_blocks_per_col, max_blocks_per_row=max_blocks_per_row
         )

@@ -32,6 +32,7 @@ from jax.experimental.pallas import triton as plgpu
 __all__ = ["dsd_matmul", "sddmm", "check_gpu_blocks"]
 
 _MIN_TILE = 16  # smallest matmul tile dimension Triton accepts
+_SMEM_BUDGET = 192 * 1024  # bytes of shared memory for pipelined operand tiles (H100/H200 have 227 KiB)
 
 
 def _is_tile(size) -> bool:
@@ -47,11 +48,24 @@ def check_gpu_blocks(shape, block_shape):
         )
 
 
-def _tile_m(m, block_m):
-    """Row tile: ``block_m`` (a power of two >= 16), shrunk for small ``m``."""
+def _tile_m(m, block_m, dtype):
+    """Row tile: ``block_m`` (a power of two >= 16; default 128 for 16-bit inputs, 64 for wider),
+    shrunk for small ``m``."""
+    if block_m is None:
+        block_m = 128 if jnp.dtype(dtype).itemsize <= 2 else 64
     if not _is_tile(block_m):
         raise ValueError(f"block_m must be a power of two >= {_MIN_TILE}; got {block_m}")
     return min(block_m, max(_MIN_TILE, pl.next_power_of_2(m)))
+
+
+def _launch_params(num_warps, num_stages, tile_bytes, out_tile):
+    """Triton parameters: as many pipeline stages (<= 4) as fit the shared-memory budget, 8 warps
+    for outputs of 128x128 and more."""
+    if num_stages is None:
+        num_stages = int(min(4, max(1, _SMEM_BUDGET // tile_bytes)))
+    if num_warps is None:
+        num_warps = 8 if out_tile >= 128 * 128 else 4
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _pad_rows(a, rows):
@@ -61,12 +75,12 @@ def _pad_rows(a, rows):
 @functools.partial(
     jax.jit, static_argnames=("transpose_blocks", "block_m", "num_warps", "num_stages", "out_dtype", "interpret")
 )
-def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, block_m=128, num_warps=4, num_stages=3,
-               out_dtype=None, interpret=False):
+def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, block_m=None, num_warps=None,
+               num_stages=None, out_dtype=None, interpret=False):
     """Dense ``lhs`` times a block-sparse matrix; contract of ``bsr_matmul_xla.dsd_matmul``.
 
     ``block_m`` is the row tile; ``num_warps`` and ``num_stages`` are Triton's launch and
-    software-pipelining parameters.
+    software-pipelining parameters (``None``: chosen from the tile sizes, see ``_launch_params``).
     """
     m, width = lhs.shape
     num_cols, list_len = idx.shape
@@ -74,9 +88,10 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, block
     bl, bo = (bn, bk) if transpose_blocks else (bk, bn)
     out_dtype = out_dtype or lhs.dtype
     acc_dtype = jnp.promote_types(lhs.dtype, jnp.float32)
-    bm = _tile_m(m, block_m)
+    bm = _tile_m(m, block_m, lhs.dtype)
     mp = pl.cdiv(m, bm) * bm
     contract = (((1,), (1,)), ((), ())) if transpose_blocks else (((1,), (0,)), ((), ()))
+    params = _launch_params(num_warps, num_stages, (bm * bl + bk * bn) * lhs.dtype.itemsize, bm * bo)
 
     def kernel(idx_ref, slots_ref, counts_ref, lhs_ref, blk_ref, out_ref):
         c = pl.program_id(0)
@@ -101,7 +116,7 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, block
         ],
         out_specs=pl.BlockSpec((bm, bo), lambda c, i: (i, c)),
         out_shape=jax.ShapeDtypeStruct((mp, num_cols * bo), out_dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=params,
         interpret=interpret,
         name="bsr_dsd_matmul",
     )(idx, slots, counts, _pad_rows(lhs, mp), blocks)
@@ -111,16 +126,17 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, block
 @functools.partial(
     jax.jit, static_argnames=("block_shape", "block_m", "num_warps", "num_stages", "out_dtype", "interpret")
 )
-def sddmm(x, dy, col_rows, col_counts, block_shape, *, block_m=64, num_warps=4, num_stages=3, out_dtype=None,
-          interpret=False):
+def sddmm(x, dy, col_rows, col_counts, block_shape, *, block_m=None, num_warps=None, num_stages=None,
+          out_dtype=None, interpret=False):
     """``x^T @ dy`` at the stored blocks; contract of ``bsr_matmul_xla.sddmm``."""
     bk, bn = block_shape
     m = x.shape[0]
     num_cols, max_k = col_rows.shape
     out_dtype = out_dtype or x.dtype
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    bm = _tile_m(m, block_m)
+    bm = _tile_m(m, block_m, x.dtype)
     mp = pl.cdiv(m, bm) * bm
+    params = _launch_params(num_warps, num_stages, bm * (bk + bn) * x.dtype.itemsize, bk * bn)
 
     def kernel(rows_ref, counts_ref, x_ref, dy_ref, out_ref):
         j, n = pl.program_id(0), pl.program_id(1)
@@ -148,7 +164,7 @@ def sddmm(x, dy, col_rows, col_counts, block_shape, *, block_m=64, num_warps=4, 
         ],
         out_specs=pl.BlockSpec((pl.squeezed, pl.squeezed, bk, bn), lambda j, n: (n, j, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((num_cols, max_k, bk, bn), out_dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=params,
         interpret=interpret,
         name="bsr_sddmm",
     )(col_rows, col_counts, _pad_rows(x, mp), _pad_rows(dy, mp))
