@@ -60,7 +60,7 @@ def test_forward_equals_dense(path, shape, density):
 def test_xla_row_panels_with_a_remainder():
     rng = np.random.default_rng(10)
     w = random_bsm(rng, 30, 42, (5, 7), 0.5)
-    x = jnp.asarray(rng.standard_normal((1100, 30)), jnp.float32)  # two 512-row panels and 76 rows
+    x = jnp.asarray(rng.standard_normal((1100, 30)), jnp.float32)  # four 256-row panels and 76 rows
     np.testing.assert_allclose(bsr_matmul(x, w, backend="xla"), x @ w.to_dense(), rtol=1e-5, atol=1e-4)
 
 
