@@ -66,6 +66,23 @@ def _pad_rows(a, rows):
     return a if a.shape[0] == rows else jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
 
 
+def _reduce(acc_ref, out_ref, product, *, first, active, last):
+    """One step of a reduction over the innermost grid axis: zero the accumulator at the first
+    step, add ``product()`` on active steps (skipped ones cost no MXU work), store at the last."""
+
+    @pl.when(first)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(active)
+    def _():
+        acc_ref[...] += product()
+
+    @pl.when(last)
+    def _():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
 def _compiler_params(semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
@@ -89,19 +106,8 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, block
 
     def kernel(idx_ref, slots_ref, counts_ref, lhs_ref, blk_ref, out_ref, acc_ref):
         c, j = pl.program_id(1), pl.program_id(2)
-
-        @pl.when(j == 0)
-        def _():
-            acc_ref[...] = jnp.zeros_like(acc_ref)
-
-        @pl.when(j < counts_ref[c])
-        def _():
-            acc_ref[...] += lax.dot_general(lhs_ref[...], blk_ref[...], contract,
-                                            preferred_element_type=acc_dtype)
-
-        @pl.when(j == list_len - 1)
-        def _():
-            out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+        product = lambda: lax.dot_general(lhs_ref[...], blk_ref[...], contract, preferred_element_type=acc_dtype)
+        _reduce(acc_ref, out_ref, product, first=j == 0, active=j < counts_ref[c], last=j == list_len - 1)
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
@@ -142,19 +148,9 @@ def sddmm(x, dy, col_rows, col_counts, block_shape, *, block_m=256, out_dtype=No
 
     def kernel(rows_ref, counts_ref, x_ref, dy_ref, out_ref, acc_ref):
         n, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-
-        @pl.when(i == 0)
-        def _():
-            acc_ref[...] = jnp.zeros_like(acc_ref)
-
-        @pl.when(j < counts_ref[n])
-        def _():
-            acc_ref[...] += lax.dot_general(x_ref[...], dy_ref[...], (((0,), (0,)), ((), ())),
-                                            preferred_element_type=acc_dtype)
-
-        @pl.when(i == m_tiles - 1)
-        def _():
-            out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+        product = lambda: lax.dot_general(x_ref[...], dy_ref[...], (((0,), (0,)), ((), ())),
+                                          preferred_element_type=acc_dtype)
+        _reduce(acc_ref, out_ref, product, first=i == 0, active=j < counts_ref[n], last=i == m_tiles - 1)
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
