@@ -41,14 +41,19 @@ from pallas_kernels.block_index import max_blocks_per_row as _longest_row
 __all__ = ["BlockSparsePattern", "BlockSparseMatrix"]
 
 
-def _check_block_shape(shape, block_shape):
-    """Validated ``(bk, bn)`` that divides a ``(K, N)`` matrix shape."""
-    if len(shape) != 2:
-        raise ValueError(f"a block-sparse matrix must be 2-D (K, N); got shape {tuple(shape)}")
+def _int_pair(block_shape):
     try:
         bk, bn = (int(b) for b in block_shape)
     except (TypeError, ValueError):
         raise ValueError(f"block_shape must be a pair of ints (bk, bn); got {block_shape!r}") from None
+    return bk, bn
+
+
+def _check_block_shape(shape, block_shape):
+    """Validated ``(bk, bn)`` that divides a ``(K, N)`` matrix shape."""
+    if len(shape) != 2:
+        raise ValueError(f"a block-sparse matrix must be 2-D (K, N); got shape {tuple(shape)}")
+    bk, bn = _int_pair(block_shape)
     if bk < 1 or bn < 1 or shape[0] % bk or shape[1] % bn:
         raise ValueError(
             f"block_shape {(bk, bn)} must be positive and divide the matrix shape {tuple(shape)}"
@@ -135,10 +140,7 @@ class BlockSparsePattern:
         if block_mask.ndim != 2:
             raise ValueError(f"block_mask must be 2-D [Kb, Nb]; got shape {block_mask.shape}")
         kb, nb = block_mask.shape
-        try:
-            bk, bn = (int(b) for b in block_shape)
-        except (TypeError, ValueError):
-            raise ValueError(f"block_shape must be a pair of ints (bk, bn); got {block_shape!r}") from None
+        bk, bn = _int_pair(block_shape)
         bk, bn = _check_block_shape((kb * bk, nb * bn), (bk, bn))
         if traced and (max_blocks_per_col is None or max_blocks_per_row is None):
             raise ValueError(

@@ -68,10 +68,6 @@ def _launch_params(num_warps, num_stages, tile_bytes, out_tile):
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _pad_rows(a, rows):
-    return a if a.shape[0] == rows else jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
-
-
 @functools.partial(
     jax.jit, static_argnames=("transpose_blocks", "block_m", "num_warps", "num_stages", "out_dtype", "interpret")
 )
@@ -119,7 +115,7 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, block
         compiler_params=params,
         interpret=interpret,
         name="bsr_dsd_matmul",
-    )(idx, slots, counts, _pad_rows(lhs, mp), blocks)
+    )(idx, slots, counts, jnp.pad(lhs, ((0, mp - m), (0, 0))), blocks)
     return out[:m]
 
 
@@ -167,4 +163,4 @@ def sddmm(x, dy, col_rows, col_counts, block_shape, *, block_m=None, num_warps=N
         compiler_params=params,
         interpret=interpret,
         name="bsr_sddmm",
-    )(col_rows, col_counts, _pad_rows(x, mp), _pad_rows(dy, mp))
+    )(col_rows, col_counts, jnp.pad(x, ((0, mp - m), (0, 0))), jnp.pad(dy, ((0, mp - m), (0, 0))))

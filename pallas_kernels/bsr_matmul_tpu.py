@@ -62,10 +62,6 @@ def _tile_m(m, dtype, block_m):
     return max(sub, bm // sub * sub)
 
 
-def _pad_rows(a, rows):
-    return a if a.shape[0] == rows else jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
-
-
 def _reduce(acc_ref, out_ref, product, *, first, active, last):
     """One step of a reduction over the innermost grid axis: zero the accumulator at the first
     step, add ``product()`` on active steps (skipped ones cost no MXU work), store at the last."""
@@ -126,7 +122,7 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, block
         compiler_params=_compiler_params(("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="bsr_dsd_matmul",
-    )(idx.reshape(-1), slots.reshape(-1), counts, _pad_rows(lhs, mp), blocks)
+    )(idx.reshape(-1), slots.reshape(-1), counts, jnp.pad(lhs, ((0, mp - m), (0, 0))), blocks)
     return out[:m]
 
 
@@ -169,4 +165,4 @@ def sddmm(x, dy, col_rows, col_counts, block_shape, *, block_m=256, out_dtype=No
         compiler_params=_compiler_params(("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="bsr_sddmm",
-    )(col_rows.reshape(-1), col_counts, _pad_rows(x, mp), _pad_rows(dy, mp))
+    )(col_rows.reshape(-1), col_counts, jnp.pad(x, ((0, mp - m), (0, 0))), jnp.pad(dy, ((0, mp - m), (0, 0))))
