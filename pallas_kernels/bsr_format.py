@@ -111,10 +111,11 @@ class BlockSparsePattern:
         self.shape = tuple(shape)
         self.block_shape = tuple(block_shape)
 
-    _FIELDS = ("col_rows", "col_counts", "row_cols", "row_slots", "row_counts")
+    #: Names of the integer index arrays, in constructor order.
+    INDEX_FIELDS = ("col_rows", "col_counts", "row_cols", "row_slots", "row_counts")
 
     def tree_flatten_with_keys(self):
-        children = [(jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in self._FIELDS]
+        children = [(jax.tree_util.GetAttrKey(f), getattr(self, f)) for f in self.INDEX_FIELDS]
         return children, (self.shape, self.block_shape)
 
     @classmethod

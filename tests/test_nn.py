@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("flax")
 import flax.linen as nn  # noqa: E402
+import flax.serialization  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxsparse.nn as jsn  # noqa: E402
@@ -56,6 +57,9 @@ def test_linen_conversion_matches_the_masked_dense_model():
     # Only floating values are parameters; the pattern is its own collection.
     for leaf in jax.tree_util.tree_leaves(variables["params"]):
         assert jnp.issubdtype(leaf.dtype, jnp.floating)
+    # The variables survive flax serialization.
+    restored = flax.serialization.from_bytes(variables, flax.serialization.to_bytes(variables))
+    np.testing.assert_array_equal(SparseMLP().apply(restored, x), SparseMLP().apply(variables, x))
 
 
 def test_linen_training_step_keeps_padding_zero():

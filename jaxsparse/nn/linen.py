@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsparse.nn import flax_serialization  # noqa: F401  (registers the block-sparse types)
 from jaxsparse.nn.convert import all_blocks, to_block_sparse
 from pallas_kernels import BlockSparseMatrix, BlockSparsePattern, bsr_matmul
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxsparse.nn import flax_serialization  # noqa: F401  (registers the block-sparse types)
 from jaxsparse.nn.convert import kernel_to_block_sparse
 from pallas_kernels import BlockSparseMatrix, BlockSparsePattern, bsr_matmul
 
