@@ -72,6 +72,7 @@ def test_xla_path_main_api():
     assert default_bsr_backend(w) == "xla"  # tests run on CPU
     np.testing.assert_allclose(x @ w, x @ w.to_dense(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(jax.jit(bsr_matmul)(x, w), x @ w.to_dense(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(bsr_matmul(x[0], w), x[0] @ w.to_dense(), rtol=1e-5, atol=1e-4)  # a vector
     g = jax.grad(lambda w: jnp.sum(jnp.sin(bsr_matmul(x, w))), allow_int=True)(w)
     dense_g = jax.grad(lambda d: jnp.sum(jnp.sin(x @ d)))(w.to_dense())
     assert isinstance(g, BlockSparseMatrix)
@@ -144,6 +145,16 @@ def test_vmap_over_inputs_and_jit(path):
     xs = jnp.asarray(rng.standard_normal((3, 4, k)), jnp.float32)
     f = jax.jit(jax.vmap(functools.partial(bsr_matmul, **PATHS[path]), in_axes=(0, None)))
     np.testing.assert_allclose(f(xs, w), xs @ w.to_dense(), rtol=1e-5, atol=1e-4)
+
+
+def test_tpu_kernel_under_the_tpu_interpreter():
+    from jax.experimental.pallas import tpu as pltpu
+
+    rng = np.random.default_rng(11)
+    w = random_bsm(rng, 256, 384, (128, 128), 0.5)
+    x = jnp.asarray(rng.standard_normal((9, 256)), jnp.float32)
+    y = bsr_matmul(x, w, backend="tpu", interpret=pltpu.InterpretParams())
+    np.testing.assert_allclose(y, x @ w.to_dense(), rtol=1e-5, atol=1e-4)
 
 
 def test_vmap_over_weights_with_different_patterns():
