@@ -78,7 +78,7 @@ def run_cpu(reps):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((size, size)), jnp.float32)
     print(f"CPU, XLA path vs dense x @ w, f32, {size}^3, {jax.devices()[0].device_kind}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+          f"{len(os.sched_getaffinity(0))} cores available, load average {os.getloadavg()[0]:.1f}")
     print(f"{'block':>5} {'density':>7} {'blocks':>7} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} "
           f"{'ideal':>6} {'efficiency':>10}")
     dense_matmul = jax.jit(jnp.dot)
