@@ -122,5 +122,7 @@ def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret
     elif backend == "gpu":
         bsr_matmul_gpu.check_gpu_blocks(w.shape, w.block_shape)
     dtype = jnp.result_type(x.dtype, w.dtype)
+    if x.size == 0:  # no rows: nothing for a kernel grid to cover
+        return jnp.zeros((*x.shape[:-1], n), dtype)
     y = _matmul((backend, interpret), x.reshape(-1, k).astype(dtype), w.data.astype(dtype), w.pattern)
     return y.reshape(*x.shape[:-1], n)

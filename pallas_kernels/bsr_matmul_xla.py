@@ -41,6 +41,24 @@ def _real_entries(counts, list_len):
     return jnp.argsort(~valid, stable=True).astype(jnp.int32), counts.sum(dtype=jnp.int32)
 
 
+def _over_panels(m, total, step, init):
+    """``carry = step(t, row, rows, carry)`` for each of ``total`` entries in each panel of rows.
+
+    Panels of ``_PANEL_ROWS`` rows keep one step's operands in L2 cache; a last, shorter panel
+    takes the remaining rows. ``rows`` is a static int, ``t`` and ``row`` are traced.
+    """
+
+    def sweep(carry, first_row, rows, num_panels):
+        body = lambda i, carry: step(i % total, first_row + (i // total) * rows, rows, carry)
+        return lax.fori_loop(0, total * num_panels, body, carry)
+
+    if m == 0:
+        return init
+    rows = min(m, _PANEL_ROWS)
+    carry = sweep(init, 0, rows, m // rows)
+    return sweep(carry, m - m % rows, m % rows, 1) if m % rows else carry
+
+
 def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, out_dtype=None):
     """Dense ``lhs`` times a block-sparse matrix given by per-output-block-column lists.
 
@@ -57,7 +75,6 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, out_d
       ``(M, C * bo)``; output block columns with an empty list are zero.
     """
     lhs, blocks, idx, slots, counts = map(jnp.asarray, (lhs, blocks, idx, slots, counts))
-    m = lhs.shape[0]
     acc_dtype = jnp.promote_types(lhs.dtype, jnp.float32)
     num_cols, list_len = idx.shape
     bo = blocks.shape[1] if transpose_blocks else blocks.shape[2]
@@ -66,25 +83,15 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, out_d
     order, total = _real_entries(counts, list_len)
     idx, slots = idx.reshape(-1), slots.reshape(-1)
 
-    def sweep(out, first_row, rows, num_panels):
-        """Add every real entry's product into ``num_panels`` consecutive panels of ``rows`` rows."""
+    def step(t, row, rows, out):
+        e = order[t]
+        col = e // list_len
+        part = lax.dynamic_slice(lhs, (row, idx[e] * bl), (rows, bl))
+        prod = lax.dot_general(part, blocks[slots[e]], contract, preferred_element_type=acc_dtype)
+        acc = lax.dynamic_slice(out, (row, col * bo), (rows, bo))
+        return lax.dynamic_update_slice(out, acc + prod, (row, col * bo))
 
-        def step(t, out):
-            e = order[t % total]
-            row = first_row + (t // total) * rows
-            col = e // list_len
-            part = lax.dynamic_slice(lhs, (row, idx[e] * bl), (rows, bl))
-            prod = lax.dot_general(part, blocks[slots[e]], contract, preferred_element_type=acc_dtype)
-            acc = lax.dynamic_slice(out, (row, col * bo), (rows, bo))
-            return lax.dynamic_update_slice(out, acc + prod, (row, col * bo))
-
-        return lax.fori_loop(0, total * num_panels, step, out)
-
-    # Row panels keep each step's operands (lhs part, product, output block) in L2 cache.
-    rows = min(m, _PANEL_ROWS)
-    out = sweep(jnp.zeros((m, num_cols * bo), acc_dtype), 0, rows, m // rows)
-    if m % rows:
-        out = sweep(out, m - m % rows, m % rows, 1)
+    out = _over_panels(lhs.shape[0], total, step, jnp.zeros((lhs.shape[0], num_cols * bo), acc_dtype))
     return out.astype(out_dtype or lhs.dtype)
 
 
@@ -105,12 +112,12 @@ def sddmm(x, dy, col_rows, col_counts, block_shape, *, out_dtype=None):
     order, total = _real_entries(col_counts, max_k)
     rows = col_rows.reshape(-1)
 
-    def step(i, out):
-        s = order[i]
-        xk = lax.dynamic_slice_in_dim(x, rows[s] * bk, bk, axis=1)
-        dyn = lax.dynamic_slice_in_dim(dy, (s // max_k) * bn, bn, axis=1)
+    def step(t, row, panel_rows, out):
+        s = order[t]
+        xk = lax.dynamic_slice(x, (row, rows[s] * bk), (panel_rows, bk))
+        dyn = lax.dynamic_slice(dy, (row, (s // max_k) * bn), (panel_rows, bn))
         grad = lax.dot_general(xk, dyn, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
-        return lax.dynamic_update_index_in_dim(out, grad, s, axis=0)
+        return out.at[s].add(grad)
 
-    out = lax.fori_loop(0, total, step, jnp.zeros((num_cols * max_k, bk, bn), acc_dtype))
+    out = _over_panels(x.shape[0], total, step, jnp.zeros((num_cols * max_k, bk, bn), acc_dtype))
     return out.reshape(num_cols, max_k, bk, bn).astype(out_dtype or x.dtype)

@@ -62,6 +62,11 @@ def test_xla_row_panels_with_a_remainder():
     w = random_bsm(rng, 30, 42, (5, 7), 0.5)
     x = jnp.asarray(rng.standard_normal((1100, 30)), jnp.float32)  # four 256-row panels and 76 rows
     np.testing.assert_allclose(bsr_matmul(x, w, backend="xla"), x @ w.to_dense(), rtol=1e-5, atol=1e-4)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(jnp.sin(bsr_matmul(x, w))), (0, 1), allow_int=True)(x, w)
+    ref_dx, ref_dw = jax.grad(lambda x, d: jnp.sum(jnp.sin(x @ d)), (0, 1))(x, w.to_dense())
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw.data, w.pattern.take_blocks(ref_dw), rtol=1e-4, atol=1e-3)
+    assert bsr_matmul(jnp.ones((0, 30)), w).shape == (0, 42)
 
 
 @pytest.mark.compat
