@@ -25,7 +25,7 @@ import optax
 from jaxsparse import scores as score_fns
 from jaxsparse.distributions import as_distribution, keep_count
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
-from jaxsparse.selection import top_k_mask, top_k_masks
+from jaxsparse.selection import select_top_k, top_k_masks_per_leaf
 from jaxsparse.sparsifier import Topology, TopologyInputs, periodic_updates, sparsifier
 
 __all__ = [
@@ -71,20 +71,20 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
             jnp.where(m, s, -jnp.inf) for m, s in zip(inputs.masks, _scores(score, inputs))
         ]
         active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
-        new = list(inputs.masks)
-        pooled = []
-        for i, leaf in enumerate(inputs.plan):
-            if global_sparsity is not None and not leaf.overridden:
-                pooled.append(i)
-                continue
-            keep = jnp.minimum(_keep_at(leaf.size, leaf.sparsity, fraction), active[i])
-            new[i] = top_k_mask(active_scores[i], keep)
+        # Group leaves: each leaf its own budget, except that global scope pools every leaf not
+        # fixed by an override into one group sharing one budget. One search serves all groups.
+        group_of, budgets = [], []
+        pooled = [i for i, leaf in enumerate(inputs.plan) if global_sparsity is not None and not leaf.overridden]
         if pooled:
             size = sum(inputs.plan[i].size for i in pooled)
-            keep = jnp.minimum(_keep_at(size, global_sparsity, fraction), sum(active[i] for i in pooled))
-            for i, m in zip(pooled, top_k_masks([active_scores[i] for i in pooled], keep)):
-                new[i] = m
-        return new, inputs.aux
+            budgets.append(jnp.minimum(_keep_at(size, global_sparsity, fraction), sum(active[i] for i in pooled)))
+        for i, leaf in enumerate(inputs.plan):
+            if i in pooled:
+                group_of.append(0)
+            else:
+                group_of.append(len(budgets))
+                budgets.append(jnp.minimum(_keep_at(leaf.size, leaf.sparsity, fraction), active[i]))
+        return select_top_k(active_scores, jnp.stack(budgets), group_of), inputs.aux
 
     return Topology(
         init=lambda inputs: (inputs.masks, ()),
@@ -189,9 +189,7 @@ def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, inc
 
 def random_masks(inputs: TopologyInputs) -> list:
     """Masks keeping exactly each leaf's budget at uniformly random positions."""
-    return [
-        top_k_mask(s, leaf.keep) for leaf, s in zip(inputs.plan, _scores(score_fns.random, inputs))
-    ]
+    return top_k_masks_per_leaf(_scores(score_fns.random, inputs), [leaf.keep for leaf in inputs.plan])
 
 
 def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overrides=None):

@@ -31,11 +31,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["score_keys", "top_k_masks", "top_k_mask"]
+__all__ = ["score_keys", "select_top_k", "top_k_masks", "top_k_masks_per_leaf", "top_k_mask"]
 
 
-class _Bracket(NamedTuple):
-    """Search state: count(keys >= lo) = n_lo >= k > n_hi = count(keys >= hi)."""
+_UMAX = 0xFFFFFFFF
+_SAMPLE = 16384  # per-group size of the strided sample used to guess the threshold
+_MAX_PROBES = 100  # interpolation + bisection needs at most ~66; this only bounds pathological input
+
+
+class _Brackets(NamedTuple):
+    """Search state per group: count(keys >= lo) = n_lo >= k > n_hi = count(keys >= hi)."""
 
     lo: jax.Array
     n_lo: jax.Array
@@ -47,10 +52,6 @@ class _Bracket(NamedTuple):
     bisect: jax.Array  # next probe bisects the key range
     raised_lo: jax.Array  # which end the last probe moved
 
-_UMAX = 0xFFFFFFFF
-_SAMPLE = 65536  # size of the strided sample used to guess the threshold
-_MAX_PROBES = 100  # interpolation + bisection needs at most ~66; this only bounds pathological input
-
 
 def score_keys(scores: jax.Array) -> jax.Array:
     """Map float scores to ``uint32`` keys with the same order; NaN becomes the lowest key."""
@@ -61,110 +62,183 @@ def score_keys(scores: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(x), jnp.uint32(0), keys)
 
 
-def _count_ge(keys, c):
-    return sum(jnp.sum(u >= c, dtype=jnp.int32) for u in keys)
+class _Groups:
+    """Leaves partitioned into groups that each keep their own k (static bookkeeping)."""
+
+    def __init__(self, sizes: Sequence[int], group_of: Sequence[int]):
+        self.group_of = list(group_of)
+        self.n = max(self.group_of) + 1
+        self.members = [[i for i, g in enumerate(self.group_of) if g == gi] for gi in range(self.n)]
+        self.totals = [sum(sizes[i] for i in m) for m in self.members]
+
+    def reduce(self, per_leaf, op=sum):
+        """Combine per-leaf scalars into a (groups,) vector."""
+        return jnp.stack([op([per_leaf[i] for i in m]) for m in self.members])
 
 
-def _sample_guesses(keys, k, total):
-    """Two keys from a strided sample that likely bracket the k-th largest: (below, above)."""
-    stride = max(1, total // _SAMPLE)
-    sample = jnp.sort(jnp.concatenate([u.reshape(-1)[::stride] for u in keys]))
-    size = sample.shape[0]
-    rank = k.astype(jnp.float32) * (size / total)  # expected rank of the answer, from the top
-    margin = 3.0 * jnp.sqrt(rank * jnp.maximum(1.0 - rank / size, 0.0)) + 2.0
-    below = sample[jnp.clip(size - jnp.ceil(rank + margin).astype(jnp.int32), 0, size - 1)]
-    above = sample[jnp.clip(size - jnp.floor(rank - margin).astype(jnp.int32), 0, size - 1)]
-    return jnp.stack([below, above])
+def _sample_guesses(keys, ks, groups: _Groups):
+    """Per group, two keys from a strided sample likely bracketing its k-th largest: (below, above)."""
+    samples = []
+    for members, total in zip(groups.members, groups.totals):
+        stride = max(1, total // _SAMPLE)
+        samples.append(jnp.concatenate([keys[i].reshape(-1)[::stride] for i in members]))
+    width = max(s.shape[0] for s in samples)
+    sizes = jnp.array([s.shape[0] for s in samples], jnp.float32)
+    # Pad with the lowest key: padding sorts first and the ranks below count from the top.
+    padded = jnp.stack([jnp.pad(s, (width - s.shape[0], 0)) for s in samples])
+    ordered = jnp.sort(padded, axis=1)
+    rank = ks.astype(jnp.float32) * (sizes / jnp.array(groups.totals, jnp.float32))
+    margin = 3.0 * jnp.sqrt(rank * jnp.maximum(1.0 - rank / sizes, 0.0)) + 2.0
+    lowest = width - sizes.astype(jnp.int32)
+
+    def at_rank(r):
+        index = jnp.clip(width - r.astype(jnp.int32), lowest, width - 1)
+        return jnp.take_along_axis(ordered, index[:, None], axis=1)[:, 0]
+
+    return at_rank(jnp.ceil(rank + margin)), at_rank(jnp.floor(rank - margin))
 
 
-def _kth_largest_key(keys, k, total):
-    """The k-th largest key over all ``keys`` arrays, for ``1 <= k <= total``."""
-    guesses = _sample_guesses(keys, k, total)
+def _count_ge(keys, c, groups: _Groups):
+    return groups.reduce([jnp.sum(u >= c[g], dtype=jnp.int32) for u, g in zip(keys, groups.group_of)])
+
+
+def _kth_largest_keys(keys, ks, groups: _Groups, bracket=None, guesses=None):
+    """Per group, the k-th largest key (``1 <= k <= group total``), all groups in one search loop.
+
+    ``bracket``: optional initial ``(lo, n_lo, hi, n_hi)`` with ``n_lo >= k > n_hi`` (default: the
+    whole key range). ``guesses``: optional ``(below, above)`` keys to probe first.
+    """
     one = jnp.uint32(1)
-    target = k.astype(jnp.float32) - 0.5  # aim between the k-th and (k+1)-th largest
+    target = ks.astype(jnp.float32) - 0.5  # aim between the k-th and (k+1)-th largest
 
     def pinned(s):
-        return (s.hi - s.lo <= one) | (s.n_lo == k) | (s.n_hi == k - 1)
+        return (s.hi - s.lo <= one) | (s.n_lo == ks) | (s.n_hi == ks - 1)
 
     def cond(s):
-        return ~pinned(s) & (s.it < _MAX_PROBES)
+        return jnp.any(~pinned(s)) & (s.it < _MAX_PROBES)
 
     def probe(s):
         # Regula falsi on the count with the Illinois modification (halve the weight of an end
-        # kept twice in a row) so the bracket closes from both sides; bisection of the key range
+        # kept twice in a row) so brackets close from both sides; bisection of the key range
         # whenever interpolation fails to halve the count range; sample guesses first.
-        width = s.hi - s.lo  # >= 2 here; uint32 arithmetic handles the full key range
-        frac = s.f_lo / (s.f_lo - s.f_hi)
+        width = s.hi - s.lo  # >= 2 where not pinned; uint32 arithmetic spans the full key range
+        frac = s.f_lo / jnp.where(s.f_lo > s.f_hi, s.f_lo - s.f_hi, 1.0)
         offset = jnp.clip(width.astype(jnp.float32) * frac, 1.0, 4294967040.0).astype(jnp.uint32)
-        interp = s.lo + jnp.clip(offset, one, width - one)
-        guess = guesses[jnp.minimum(s.it, 1)]
-        use_guess = (s.it < 2) & (guess > s.lo) & (guess < s.hi)
+        interp = s.lo + jnp.clip(offset, one, jnp.maximum(width, 2 * one) - one)
+        if guesses is None:
+            use_guess, guess = jnp.zeros(groups.n, bool), s.lo
+        else:
+            guess = jnp.where(s.it == 0, guesses[0], guesses[1])
+            use_guess = (s.it < 2) & (guess > s.lo) & (guess < s.hi)
         c = jnp.where(use_guess, guess, jnp.where(s.bisect, s.lo + width // 2, interp))
-        n = _count_ge(keys, c)
-        raise_lo = n >= k
+        n = _count_ge(keys, c, groups)
+        live = ~pinned(s)
+        raise_lo = n >= ks
         f = n.astype(jnp.float32) - target
-        lo, n_lo = jnp.where(raise_lo, c, s.lo), jnp.where(raise_lo, n, s.n_lo)
-        hi, n_hi = jnp.where(raise_lo, s.hi, c), jnp.where(raise_lo, s.n_hi, n)
         again = raise_lo == s.raised_lo  # the same end moved twice: halve the other end's weight
-        f_lo = jnp.where(raise_lo, f, jnp.where(again, 0.5 * s.f_lo, s.f_lo))
-        f_hi = jnp.where(raise_lo, jnp.where(again, 0.5 * s.f_hi, s.f_hi), f)
-        slow = 2 * (n_lo - n_hi) > (s.n_lo - s.n_hi)
-        return _Bracket(lo, n_lo, f_lo, hi, n_hi, f_hi, s.it + 1, slow & ~s.bisect & ~use_guess, raise_lo)
+        new = _Brackets(
+            lo=jnp.where(raise_lo, c, s.lo),
+            n_lo=jnp.where(raise_lo, n, s.n_lo),
+            f_lo=jnp.where(raise_lo, f, jnp.where(again, 0.5 * s.f_lo, s.f_lo)),
+            hi=jnp.where(raise_lo, s.hi, c),
+            n_hi=jnp.where(raise_lo, s.n_hi, n),
+            f_hi=jnp.where(raise_lo, jnp.where(again, 0.5 * s.f_hi, s.f_hi), f),
+            it=s.it + 1,
+            bisect=(2 * (jnp.where(raise_lo, n, s.n_lo) - jnp.where(raise_lo, s.n_hi, n)) > (s.n_lo - s.n_hi))
+            & ~s.bisect
+            & ~use_guess,
+            raised_lo=raise_lo,
+        )
+        return jax.tree.map(lambda a, b: jnp.where(live, a, b) if a.ndim else a, new, s)
 
-    n_total = jnp.int32(total)
-    init = _Bracket(
-        lo=jnp.uint32(0), n_lo=n_total, f_lo=n_total.astype(jnp.float32) - target,
-        hi=jnp.uint32(_UMAX), n_hi=jnp.int32(0), f_hi=-target,
-        it=jnp.int32(0), bisect=jnp.bool_(False), raised_lo=jnp.bool_(False),
+    if bracket is None:
+        totals = jnp.array(groups.totals, jnp.int32)
+        bracket = (jnp.zeros(groups.n, jnp.uint32), totals, jnp.full(groups.n, _UMAX, jnp.uint32), jnp.zeros(groups.n, jnp.int32))
+    lo, n_lo, hi, n_hi = bracket
+    init = _Brackets(
+        lo=lo, n_lo=n_lo, f_lo=n_lo.astype(jnp.float32) - target,
+        hi=hi, n_hi=n_hi, f_hi=n_hi.astype(jnp.float32) - target,
+        it=jnp.int32(0), bisect=jnp.zeros(groups.n, bool), raised_lo=jnp.zeros(groups.n, bool),
     )
     s = lax.while_loop(cond, probe, init)
     lo, hi = s.lo, s.hi
+    # Pinned by a count: the answer is the nearest key inside the bracket (one min/max pass).
+    need_min = (hi - lo > one) & (s.n_lo == ks)
+    need_max = (hi - lo > one) & ~need_min
 
     def smallest_at_or_above():
-        return jnp.min(jnp.stack([jnp.min(jnp.where(u >= lo, u, jnp.uint32(_UMAX))) for u in keys]))
+        per_leaf = [jnp.min(jnp.where(u >= lo[g], u, jnp.uint32(_UMAX))) for u, g in zip(keys, groups.group_of)]
+        return groups.reduce(per_leaf, lambda xs: jnp.min(jnp.stack(xs)))
 
     def largest_below():
-        return jnp.max(jnp.stack([jnp.max(jnp.where(u < hi, u, jnp.uint32(0))) for u in keys]))
+        per_leaf = [jnp.max(jnp.where(u < hi[g], u, jnp.uint32(0))) for u, g in zip(keys, groups.group_of)]
+        return groups.reduce(per_leaf, lambda xs: jnp.max(jnp.stack(xs)))
 
-    case = jnp.where(hi - lo <= one, 0, jnp.where(s.n_lo == k, 1, 2))
-    return lax.switch(case, [lambda: lo, smallest_at_or_above, largest_below])
+    t = lo
+    t = jnp.where(need_min, lax.cond(jnp.any(need_min), smallest_at_or_above, lambda: lo), t)
+    t = jnp.where(need_max, lax.cond(jnp.any(need_max), largest_below, lambda: lo), t)
+    return t
 
 
-def _first_true(flags, quota):
-    """Keep the first ``quota`` True entries of ``flags`` in flat (row-major) order.
+def _break_ties(keys, t, ks, groups: _Groups):
+    """Keep keys > t, then keys == t by position (leaf order, then flat index) until k are kept.
 
-    Avoids a cumulative sum over the whole array (slow on CPU): count per row, find the row
-    holding the quota-th True from the short prefix sum of row counts, and take a prefix sum
-    over that one row only.
+    The tied entries get distinct keys that decrease with their position in the group, and the
+    same search picks exactly the ``need`` first ones: no cumulative sum (slow on CPU and slow
+    to compile), one loop for all leaves.
     """
-    rows = flags.reshape(-1, flags.shape[-1]) if flags.ndim else flags.reshape(1, 1)
-    cum_rows = jnp.cumsum(jnp.sum(rows, axis=1, dtype=jnp.int32))
-    r = jnp.sum(cum_rows < quota, dtype=jnp.int32)  # row holding the quota-th True
-    before = jnp.where(r > 0, cum_rows[jnp.maximum(r - 1, 0)], 0)
-    in_row = jnp.cumsum(lax.dynamic_index_in_dim(rows, jnp.minimum(r, rows.shape[0] - 1), 0, False), dtype=jnp.int32)
-    c = jnp.sum(in_row < quota - before, dtype=jnp.int32)  # its column
-    row_id = lax.broadcasted_iota(jnp.int32, rows.shape, 0)
-    col_id = lax.broadcasted_iota(jnp.int32, rows.shape, 1)
-    keep = rows & ((row_id < r) | ((row_id == r) & (col_id <= c))) & (quota > 0)
-    return keep.reshape(flags.shape)
+    above = [u > t[g] for u, g in zip(keys, groups.group_of)]
+    ties = [u == t[g] for u, g in zip(keys, groups.group_of)]
+    n_ties = groups.reduce([jnp.sum(e, dtype=jnp.int32) for e in ties])
+    need = ks - groups.reduce([jnp.sum(a, dtype=jnp.int32) for a in above])
+    offsets = [sum(keys[j].size for j in groups.members[g] if j < i) for i, g in enumerate(groups.group_of)]
+    rank_keys = []  # group total - position: in [1, total] for tied entries, 0 for the others
+    for u, eq, g, offset in zip(keys, ties, groups.group_of, offsets):
+        position = lax.iota(jnp.uint32, u.size).reshape(u.shape) + jnp.uint32(offset)
+        rank_keys.append(jnp.where(eq, jnp.uint32(groups.totals[g]) - position, jnp.uint32(0)))
+    totals = jnp.array(groups.totals, jnp.uint32)
+    bracket = (jnp.ones(groups.n, jnp.uint32), n_ties, totals + 1, jnp.zeros(groups.n, jnp.int32))
+    cut = _kth_largest_keys(rank_keys, jnp.clip(need, 1, n_ties), groups, bracket)
+    return [a | ((r >= cut[g]) & (need[g] > 0)) for a, r, g in zip(above, rank_keys, groups.group_of)]
 
 
-def _break_ties(keys, t, k):
-    """Keep keys > t, then keys == t in flat order (leaf by leaf) until k are kept."""
-    above = [u > t for u in keys]
-    ties = [u == t for u in keys]
-    need = k - sum(jnp.sum(a, dtype=jnp.int32) for a in above)
-    masks = []
-    for a, eq in zip(above, ties):
-        n_eq = jnp.sum(eq, dtype=jnp.int32)
-        quota = jnp.clip(need, 0, n_eq)
-        masks.append(a | _first_true(eq, quota))
-        need = need - quota
-    return masks
+def select_top_k(scores: Sequence[jax.Array], ks, group_of: Sequence[int]) -> list[jax.Array]:
+    """Exact top-k masks for leaves partitioned into groups, each group keeping its own ``ks[g]``.
+
+    ``group_of[i]`` is the group (0..G-1) of ``scores[i]``; ``ks`` has one entry per group. All
+    groups are searched in one loop. :func:`top_k_masks` (one group) and
+    :func:`top_k_masks_per_leaf` (a group per leaf) are the common cases.
+    """
+    scores = list(scores)
+    if not scores:
+        return []
+    nonempty = [i for i, x in enumerate(scores) if x.size > 0]
+    if len(nonempty) < len(scores):  # empty arrays select nothing; search the others
+        masks = [jnp.zeros(x.shape, bool) for x in scores]
+        if nonempty:
+            ks = jnp.asarray(ks, jnp.int32).reshape(-1)
+            used = sorted({group_of[i] for i in nonempty})
+            renumber = {g: j for j, g in enumerate(used)}
+            found = select_top_k([scores[i] for i in nonempty], ks[jnp.array(used)], [renumber[group_of[i]] for i in nonempty])
+            for i, m in zip(nonempty, found):
+                masks[i] = m
+        return masks
+    groups = _Groups([int(s.size) for s in scores], group_of)
+    totals = jnp.array(groups.totals, jnp.int32)
+    ks = jnp.clip(jnp.asarray(ks, jnp.int32).reshape(groups.n), 0, totals)
+    keys = [score_keys(s) for s in scores]
+    nontrivial = (ks > 0) & (ks < totals)
+    ks_search = jnp.where(nontrivial, ks, 1)
+    t = _kth_largest_keys(keys, ks_search, groups, guesses=_sample_guesses(keys, ks_search, groups))
+    t = jnp.where(ks == 0, jnp.uint32(_UMAX), jnp.where(ks == totals, jnp.uint32(0), t))
+    # No key reaches UMAX (+inf maps below it) and every key reaches 0: all False / all True.
+    at_or_above = [u >= t[g] for u, g in zip(keys, groups.group_of)]
+    exact = groups.reduce([jnp.sum(m, dtype=jnp.int32) for m in at_or_above]) == ks
+    return lax.cond(jnp.all(exact), lambda: at_or_above, lambda: _break_ties(keys, t, ks, groups))
 
 
 def top_k_masks(scores: Sequence[jax.Array], k) -> list[jax.Array]:
-    """Boolean masks keeping exactly the ``k`` largest entries over all ``scores`` arrays.
+    """Boolean masks keeping exactly the ``k`` largest entries over all ``scores`` arrays jointly.
 
     Args:
       scores: arrays of any shapes (cast to float32). NaN counts as the smallest score.
@@ -177,24 +251,19 @@ def top_k_masks(scores: Sequence[jax.Array], k) -> list[jax.Array]:
       first. Shapes are static, so this jits, vmaps and runs inside ``lax.cond``.
     """
     scores = list(scores)
+    return select_top_k(scores, jnp.reshape(jnp.asarray(k), (1,)), [0] * len(scores))
+
+
+def top_k_masks_per_leaf(scores: Sequence[jax.Array], ks) -> list[jax.Array]:
+    """Like :func:`top_k_mask` on each array with its own ``ks[i]``, in one search loop.
+
+    Searching all leaves together compiles one loop instead of one per leaf (compile time
+    matters for models with hundreds of leaves) and takes as many passes as the slowest leaf.
+    """
+    scores = list(scores)
     if not scores:
         return []
-    total = sum(int(s.size) for s in scores)
-    if total == 0:
-        return [jnp.zeros(s.shape, bool) for s in scores]
-    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, total)
-    keys = [score_keys(s) for s in scores]
-
-    def select():
-        t = _kth_largest_key(keys, jnp.maximum(k, 1), total)
-        at_or_above = [u >= t for u in keys]
-        n_t = sum(jnp.sum(m, dtype=jnp.int32) for m in at_or_above)
-        return lax.cond(n_t == k, lambda: at_or_above, lambda: _break_ties(keys, t, k))
-
-    def trivial():
-        return [jnp.full(u.shape, k == total) for u in keys]
-
-    return lax.cond((k == 0) | (k == total), trivial, select)
+    return select_top_k(scores, jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), list(range(len(scores))))
 
 
 def top_k_mask(scores: jax.Array, k) -> jax.Array:

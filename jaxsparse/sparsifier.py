@@ -271,16 +271,21 @@ def sparsifier(
     def init_fn(params):
         plan = plan_for(params)
         key = _as_key(seed)
-        inputs = TopologyInputs(
-            plan=plan,
-            masks=[jnp.ones(leaf.shape, bool) for leaf in plan],
-            params=_to_list(params, plan),
-            grads=None,
-            step=jnp.zeros([], jnp.int32),
-            key=key,
-            aux=(),
-        )
-        masks, aux = topology.init(inputs)
+
+        @jax.jit  # initial masks come from top-k selections: compile them rather than run op by op
+        def initial_topology(params_list, key):
+            inputs = TopologyInputs(
+                plan=plan,
+                masks=[jnp.ones(leaf.shape, bool) for leaf in plan],
+                params=params_list,
+                grads=None,
+                step=jnp.zeros([], jnp.int32),
+                key=key,
+                aux=(),
+            )
+            return topology.init(inputs)
+
+        masks, aux = initial_topology(_to_list(params, plan), key)
         return SparsifierState(
             masks=_masks_tree(params, plan, masks),
             step=jnp.zeros([], jnp.int32),

@@ -1,0 +1,128 @@
+"""``bsr_matmul(x, w)``: ``x @ w`` for a block-sparse ``w``, on one of three paths, differentiable.
+
+The three paths (``bsr_matmul_xla``, ``bsr_matmul_tpu``, ``bsr_matmul_gpu``) implement the same two
+products, and this module wires them into a ``jax.custom_vjp``:
+
+* forward ``y = x @ W``: dense x sparse over the per-block-column lists;
+* input gradient ``dx = dy @ W.T``: the same product over the transposed pattern (per-block-row
+  lists, stored blocks used transposed), so ``W.T`` is never materialised;
+* weight gradient: ``x.T @ dy`` computed only at the stored blocks (a sampled dense-dense product,
+  SDDMM) and returned as block values with the layout of ``w.data``; padding slots get zero, so
+  gradient steps keep the padding exactly zero.
+
+See T. Gale, M. Zaharia, C. Young, E. Elsen, "Sparse GPU Kernels for Deep Learning" (SC 2020) for
+the SpMM/SDDMM decomposition of sparse training.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import bsr_matmul_gpu, bsr_matmul_tpu, bsr_matmul_xla
+from pallas_kernels.bsr_format import BlockSparseMatrix
+
+__all__ = ["bsr_matmul", "default_bsr_backend"]
+
+BACKENDS = ("xla", "tpu", "gpu")
+
+
+class _Path(NamedTuple):
+    dsd_matmul: callable
+    sddmm: callable
+
+
+def _path(config) -> _Path:
+    """The two products of one path; ``config`` is the hashable ``(backend, interpret)``."""
+    backend, interpret = config
+    if backend == "xla":
+        return _Path(bsr_matmul_xla.dsd_matmul, bsr_matmul_xla.sddmm)
+    module = bsr_matmul_tpu if backend == "tpu" else bsr_matmul_gpu
+    return _Path(
+        functools.partial(module.dsd_matmul, interpret=interpret),
+        functools.partial(module.sddmm, interpret=interpret),
+    )
+
+
+def default_bsr_backend(w: BlockSparseMatrix) -> str:
+    """The path ``bsr_matmul(x, w)`` takes by default: the kernel of the default device when its
+    tiling takes ``w``'s block shape, else ``"xla"``."""
+    platform = jax.default_backend()
+    checks = {"tpu": bsr_matmul_tpu.check_tpu_blocks, "gpu": bsr_matmul_gpu.check_gpu_blocks}
+    if platform in checks:
+        try:
+            checks[platform](w.shape, w.block_shape)
+            return platform
+        except ValueError:
+            pass
+    return "xla"
+
+
+def _forward(config, x, data, pattern):
+    bk, bn = pattern.block_shape
+    return _path(config).dsd_matmul(x, data.reshape(-1, bk, bn), *pattern.column_lists())
+
+
+def _forward_with_residuals(config, x, data, pattern):
+    return _forward(config, x, data, pattern), (x, data, pattern)
+
+
+def _backward(config, residuals, dy):
+    path = _path(config)
+    x, data, pattern = residuals
+    bk, bn = pattern.block_shape
+    dx = path.dsd_matmul(dy, data.reshape(-1, bk, bn), *pattern.row_lists(), transpose_blocks=True,
+                         out_dtype=x.dtype)
+    ddata = path.sddmm(x, dy, pattern.col_rows, pattern.col_counts, (bk, bn), out_dtype=data.dtype)
+    return dx, ddata, None  # the pattern is integer: no cotangent
+
+
+_differentiable = jax.custom_vjp(_forward, nondiff_argnums=(0,))
+_differentiable.defvjp(_forward_with_residuals, _backward)
+# One dispatch per call when used eagerly; ``config`` is the hashable (backend, interpret).
+_matmul = jax.jit(_differentiable, static_argnums=0)
+
+
+def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret=False):
+    """``x @ w.to_dense()`` without densifying ``w``; differentiable in ``x`` and ``w.data``.
+
+    Args:
+      x: floating array ``(..., K)``.
+      w: a ``BlockSparseMatrix`` of shape ``(K, N)``.
+      backend: ``"xla"`` (pure XLA, runs everywhere; the CPU default and the reference),
+        ``"tpu"`` (Pallas TPU kernel, scalar-prefetched block lists; needs both block dimensions
+        multiples of 128), ``"gpu"`` (Pallas Triton kernel; needs power-of-two block dimensions
+        >= 16), or ``None`` for ``default_bsr_backend(w)``.
+      interpret: run a Pallas kernel in interpret mode (on CPU, for tests). For ``"tpu"`` it may
+        also be a ``pltpu.InterpretParams``. Ignored by ``"xla"``.
+
+    Returns:
+      ``(..., N)`` in the common dtype of ``x`` and ``w`` (float32 accumulation). Gradients with
+      respect to ``w`` (``jax.grad(..., allow_int=True)``) are a ``BlockSparseMatrix`` of block
+      values in ``w``'s layout, computed only at the stored blocks.
+    """
+    if not isinstance(w, BlockSparseMatrix):
+        raise TypeError(f"w must be a BlockSparseMatrix (see BlockSparseMatrix.from_dense); got {type(w).__name__}")
+    x = jnp.asarray(x)
+    k, n = w.shape
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"inner dimensions do not match: x has shape {x.shape}, w has shape {w.shape}")
+    for name, dtype in (("x", x.dtype), ("w", w.dtype)):
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype; got {dtype} (x shape {x.shape}, w shape {w.shape})")
+    if backend is None:
+        backend = default_bsr_backend(w)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
+    if backend == "tpu":
+        bsr_matmul_tpu.check_tpu_blocks(w.shape, w.block_shape)
+    elif backend == "gpu":
+        bsr_matmul_gpu.check_gpu_blocks(w.shape, w.block_shape)
+    dtype = jnp.result_type(x.dtype, w.dtype)
+    if x.size == 0:  # no rows: nothing for a kernel grid to cover
+        return jnp.zeros((*x.shape[:-1], n), dtype)
+    y = _matmul((backend, interpret), x.reshape(-1, k).astype(dtype), w.data.astype(dtype), w.pattern)
+    return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,143 @@
+"""Pruning presets: exact budgets on schedule, scores, global scope, LAMP, static sparsity."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsparse as js
+from conformance import assert_params_sparse, batch, mlp_params, train
+
+
+def counts(state):
+    return {k: int(v) for k, v in js.count_nonzeros(js.get_masks(state)).items()}
+
+
+def expected_keep(n, s, fraction):
+    return n - math.floor(fraction * s * n)
+
+
+@pytest.mark.compat
+def test_gradual_magnitude_pruning_follows_the_cubic_schedule():
+    sched = js.polynomial_schedule(begin_step=2, end_step=12, power=3)
+    tx = js.magnitude_pruning(optax.sgd(0.05), sparsity=0.9, schedule=sched, update_every=4)
+    params = mlp_params()
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    sizes = {"Dense_0/kernel": 12 * 16, "Dense_1/kernel": 16 * 3}
+    last = dict(sizes)
+    for t in range(16):
+        grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.01, params)
+        updates, state = step(params, state, grads)
+        params = optax.apply_updates(params, updates)
+        got = counts(state)
+        if t in (2, 6, 10, 12):  # update steps: begin + k * update_every, and end_step
+            p = (t - 2) / 10
+            fraction = 1 - (1 - p) ** 3
+            assert got == {k: expected_keep(n, 0.9, fraction) for k, n in sizes.items()}, t
+        else:
+            assert got == last, t  # no change between update steps, nor after end_step
+        last = got
+        assert_params_sparse(params, js.get_masks(state))
+    assert got == {k: n - math.floor(0.9 * n) for k, n in sizes.items()}
+
+
+def test_one_shot_magnitude_keeps_the_largest_weights():
+    params = mlp_params()
+    _, state, _ = train(js.magnitude_pruning(optax.sgd(0.0), sparsity=0.8), steps=1, params=params)
+    masks = js.get_masks(state)
+    for layer in ("Dense_0", "Dense_1"):
+        w, m = np.abs(np.asarray(params[layer]["kernel"])), np.asarray(masks[layer]["kernel"])
+        assert m.sum() == w.size - math.floor(0.8 * w.size)
+        assert w[m].min() >= w[~m].max()
+
+
+def test_global_magnitude_one_threshold_over_layers():
+    params = mlp_params()
+    params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"] * 10  # larger weights survive more
+    _, state, _ = train(js.global_magnitude_pruning(optax.sgd(0.0), sparsity=0.8), steps=1, params=params)
+    masks = js.get_masks(state)
+    w = [np.abs(np.asarray(params[l]["kernel"])) for l in ("Dense_0", "Dense_1")]
+    m = [np.asarray(masks[l]["kernel"]) for l in ("Dense_0", "Dense_1")]
+    total = sum(x.size for x in w)
+    assert sum(x.sum() for x in m) == total - math.floor(0.8 * total)
+    assert min(x[k].min() for x, k in zip(w, m)) >= max(x[~k].max() for x, k in zip(w, m))
+    assert m[1].mean() > m[0].mean()
+    with pytest.raises(ValueError, match="global pruning takes a float sparsity"):
+        js.global_magnitude_pruning(optax.sgd(0.1), sparsity=js.erk(0.8))
+
+
+def lamp_reference(w):
+    flat = np.asarray(w, np.float64).ravel() ** 2
+    order = np.argsort(flat, kind="stable")
+    scores = np.empty_like(flat)
+    for rank, i in enumerate(order):
+        scores[i] = flat[i] / flat[order[rank:]].sum()
+    return scores.reshape(np.shape(w))
+
+
+def test_lamp_scores_and_pruning():
+    w = jax.random.normal(jax.random.PRNGKey(3), (7, 5))
+    np.testing.assert_allclose(js.scores.lamp(w, None, None), lamp_reference(w), rtol=1e-5)
+    params = mlp_params()
+    _, state, _ = train(js.lamp_pruning(optax.sgd(0.0), sparsity=0.95), steps=1, params=params)
+    masks = js.get_masks(state)
+    total = 12 * 16 + 16 * 3
+    assert sum(counts(state).values()) == total - math.floor(0.95 * total)
+    scores = [lamp_reference(params[l]["kernel"]) for l in ("Dense_0", "Dense_1")]
+    kept = [np.asarray(masks[l]["kernel"]) for l in ("Dense_0", "Dense_1")]
+    assert min(s[k].min() for s, k in zip(scores, kept)) >= max(s[~k].max() for s, k in zip(scores, kept)) - 1e-6
+    assert all(k.sum() >= 1 for k in kept)  # the largest weight of each layer scores 1
+
+
+def test_random_pruning_never_revives_and_is_seeded():
+    sched = js.polynomial_schedule(0, 6)
+    run = lambda: train(js.random_pruning(optax.sgd(0.05), sparsity=0.9, schedule=sched, update_every=2), steps=7)
+    _, state_a, _ = run()
+    _, state_b, _ = run()
+    for a, b in zip(jax.tree.leaves(js.get_masks(state_a)), jax.tree.leaves(js.get_masks(state_b))):
+        np.testing.assert_array_equal(a, b)
+    tx = js.random_pruning(optax.sgd(0.05), sparsity=0.9, schedule=sched, update_every=2)
+    params = mlp_params()
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    previous = js.get_masks(state)
+    for t in range(7):
+        _, state = step(params, state, jax.tree.map(jnp.ones_like, params))
+        current = js.get_masks(state)
+        for old, new in zip(jax.tree.leaves(previous), jax.tree.leaves(current)):
+            assert not np.any(np.asarray(new) & ~np.asarray(old)), "a pruned entry came back"
+        previous = current
+
+
+def test_saliency_uses_the_gradient():
+    params = {"w": jnp.ones((4, 4))}
+    grads = {"w": jnp.arange(16.0).reshape(4, 4)}
+    tx = js.saliency_pruning(optax.sgd(0.0), sparsity=0.75)
+    _, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(js.get_masks(state)["w"].ravel(), np.arange(16) >= 12)
+
+
+def test_static_sparse_is_fixed_exact_and_seeded():
+    params = mlp_params()
+    _, state, _ = train(js.static_sparse(optax.adam(1e-2), sparsity=js.erk(0.8), seed=5), steps=4, params=params)
+    init_masks = js.get_masks(js.static_sparse(optax.adam(1e-2), sparsity=js.erk(0.8), seed=5).init(params))
+    for a, b in zip(jax.tree.leaves(init_masks), jax.tree.leaves(js.get_masks(state))):
+        np.testing.assert_array_equal(a, b)
+    targets = js.erk(0.8)(params)
+    for layer, n in (("Dense_0", 192), ("Dense_1", 48)):
+        assert counts(state)[f"{layer}/kernel"] == n - math.floor(targets[layer]["kernel"] * n)
+    other = js.get_masks(js.static_sparse(optax.adam(1e-2), sparsity=js.erk(0.8), seed=6).init(params))
+    assert not np.array_equal(other["Dense_0"]["kernel"], init_masks["Dense_0"]["kernel"])
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="schedule must be a jaxsparse SparsitySchedule"):
+        js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, schedule=lambda t: 1.0)
+    with pytest.raises(ValueError, match="scope must be 'layer' or 'global'; got 'model'"):
+        js.pruning(optax.sgd(0.1), score=js.scores.magnitude, sparsity=0.5, scope="model")
+    with pytest.raises(ValueError, match="update_every must be a positive int; got -2"):
+        js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, update_every=-2)
