@@ -27,9 +27,8 @@ import numpy as np
 import optax
 
 from jaxsparse.distributions import uniform
-from jaxsparse.dst import _finite, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
+from jaxsparse.dst import drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
 from jaxsparse.pruning import random_masks
-from jaxsparse.selection import top_k_mask
 from jaxsparse.sparsifier import Topology, TopologyInputs, sparsifier
 
 __all__ = ["snfs", "allocate"]
@@ -84,11 +83,9 @@ def _snfs_topology(drop_fraction, end_step, update_every, momentum) -> Topology:
             [jnp.sum(jnp.where(m, s, 0.0)) / jnp.maximum(n, 1) for m, s, n in zip(inputs.masks, speed, active)]
         )
         grows = allocate(sum(drops), mean_speed, caps)
-        new = []
-        for i, (mask, param) in enumerate(zip(inputs.masks, inputs.params)):
-            kept = top_k_mask(jnp.where(mask, _finite(jnp.abs(param)), -jnp.inf), active[i] - drops[i])
-            grown = top_k_mask(jnp.where(mask, -jnp.inf, _finite(speed[i])), grows[i])
-            new.append(kept | grown)
+        magnitudes = [jnp.abs(p) for p in inputs.params]
+        n_keep = [n - d for n, d in zip(active, drops)]
+        new, _, _ = drop_and_grow(inputs.masks, magnitudes, speed, n_keep, [grows[i] for i in range(len(active))])
         return new, inputs.aux
 
     return Topology(

@@ -34,8 +34,8 @@ import optax
 from jax import lax
 
 from jaxsparse.distributions import erk
-from jaxsparse.dst import _finite, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
-from jaxsparse.selection import score_keys, top_k_mask
+from jaxsparse.dst import _finite, drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
+from jaxsparse.selection import score_keys
 from jaxsparse.sparsifier import LeafPlan, Topology, TopologyInputs, sparsifier
 
 __all__ = ["srigl", "fan_in_counts", "neuron_top_k"]
@@ -107,38 +107,36 @@ def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axi
             masks.append(_from_matrix(chosen, leaf.shape, output_axis))
         return masks, ()
 
-    def update_leaf(leaf, mask, param, grad, fraction):
+    def neuron_update(leaf, m, magnitude, gradient, counts, kept, candidates):
         fan_in, n_out, k0 = _fan_in(leaf, output_axis)
-        m = _as_matrix(mask, output_axis)
-        magnitude = _finite(jnp.abs(_as_matrix(param, output_axis)))
-        gradient = _finite(jnp.abs(_as_matrix(grad, output_axis)))
-        counts = jnp.sum(m, axis=0, dtype=jnp.int32)
-        nnz = jnp.sum(counts)
-        d = drop_count(nnz, leaf.size, fraction)
-        kept = top_k_mask(jnp.where(m, magnitude, -jnp.inf), nnz - d)
-        candidates = top_k_mask(jnp.where(m, -jnp.inf, gradient), d)
-
+        # 2. Ablate neurons with too few salient weights; the others share the budget.
         salient = jnp.sum(kept | candidates, axis=0, dtype=jnp.int32)
         active = salient.astype(jnp.float32) >= gamma_sal * jnp.max(counts).astype(jnp.float32)
         most_salient = jnp.arange(n_out) == jnp.argmax(salient)
         active = jnp.where(jnp.any(active), active, most_salient)
         fan = jnp.minimum(fan_in, (k0 * n_out) // jnp.sum(active, dtype=jnp.int32))
-
+        # 3. Per active neuron: its largest kept weights, then growth up to the fan-in.
         n_keep = jnp.where(active, jnp.minimum(jnp.sum(kept, axis=0, dtype=jnp.int32), fan), 0)
         keep = neuron_top_k(jnp.where(kept, magnitude, -jnp.inf), n_keep)
         # Growth prefers positions inactive before the update (scored by |g| >= 0); a weight
-        # dropped above (-1) is taken back only when a neuron has too few of them.
-        grow_scores = jnp.where(keep, -jnp.inf, jnp.where(m, -1.0, gradient))
+        # dropped in step 1 (-1) is taken back only when a neuron has too few of them.
+        grow_scores = jnp.where(keep, -jnp.inf, jnp.where(m, -1.0, _finite(gradient)))
         grown = neuron_top_k(grow_scores, jnp.where(active, fan - n_keep, 0))
         return _from_matrix(keep | grown, leaf.shape, output_axis)
 
     def update(inputs: TopologyInputs):
         fraction = at_update(fractions, inputs.step, update_every)
-        new = [
-            update_leaf(leaf, m, p, g, fraction)
-            for leaf, m, p, g in zip(inputs.plan, inputs.masks, inputs.params, inputs.grads)
-        ]
-        return new, inputs.aux
+        m = [_as_matrix(x, output_axis) for x in inputs.masks]
+        magnitude = [_as_matrix(jnp.abs(x), output_axis) for x in inputs.params]
+        gradient = [_as_matrix(jnp.abs(x), output_axis) for x in inputs.grads]
+        counts = [jnp.sum(x, axis=0, dtype=jnp.int32) for x in m]
+        nnz = [jnp.sum(c) for c in counts]
+        d = [drop_count(n, leaf.size, fraction) for n, leaf in zip(nnz, inputs.plan)]
+        # 1. RigL's layer-wise selection: kept weights and growth candidates.
+        _, kept, candidates = drop_and_grow(m, magnitude, gradient, [n - x for n, x in zip(nnz, d)], d)
+        return [
+            neuron_update(leaf, *args) for leaf, *args in zip(inputs.plan, m, magnitude, gradient, counts, kept, candidates)
+        ], inputs.aux
 
     return Topology(init=init, update=update, is_update_step=dst_update_steps(update_every, end_step))
 

@@ -33,7 +33,7 @@ import optax
 
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
 from jaxsparse.dst import _finite, dst_update_steps
-from jaxsparse.selection import top_k_mask
+from jaxsparse.selection import top_k_masks_per_leaf
 from jaxsparse.sparsifier import Topology, TopologyInputs, sparsifier
 
 __all__ = ["TopKastAux", "topkast"]
@@ -59,9 +59,8 @@ def _topkast_topology(backward: Distribution, penalty: float, update_every: int)
 
     def sets(plan, shadow):
         magnitudes = [_finite(jnp.abs(theta)) for theta in shadow]
-        forward = [top_k_mask(s, leaf.keep) for s, leaf in zip(magnitudes, plan)]
-        back = [top_k_mask(s, k) for s, k in zip(magnitudes, backward_keeps(plan))]
-        return forward, back
+        chosen = top_k_masks_per_leaf(magnitudes + magnitudes, [leaf.keep for leaf in plan] + backward_keeps(plan))
+        return chosen[: len(plan)], chosen[len(plan) :]
 
     def init(inputs: TopologyInputs):
         forward, back = sets(inputs.plan, inputs.params)

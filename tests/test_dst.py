@@ -108,15 +108,15 @@ def test_drop_and_grow_choices():
     magnitude = jnp.array([0.5, 0.1, 0.1, 9.0, 0.0, 0.0, 0.7, 0.0])  # a tie at 0.1
     gradient = jnp.array([9.0, 5.0, 9.0, 1.0, 2.0, 2.0, 0.0, 0.5])  # dropped weights have big gradients
     choose = jax.jit(drop_and_grow)
-    new, kept, grown = choose(mask, magnitude, gradient, 2)
-    # Keep the 2 largest of the 4 active (0.7, 0.5); of the tied 0.1s both go. Grow the 2 best
-    # inactive positions (2.0 tie: lowest index first), never an active or just-dropped one.
-    np.testing.assert_array_equal(kept, [True, False, False, False, False, False, True, False])
-    np.testing.assert_array_equal(grown, [False, False, False, False, True, True, False, False])
-    assert int(new.sum()) == int(mask.sum())
-    new1, kept1, _ = choose(mask, magnitude, gradient, 1)
-    np.testing.assert_array_equal(kept1, [True, True, False, False, False, False, True, False])  # tie: index 1 kept
-    assert int(new1.sum()) == 4
+    # Leaf 0 drops 2 of its 4: keeps 0.7 and 0.5, both tied 0.1s go. Leaf 1 (same data) drops 1:
+    # of the tied 0.1s, index 1 stays. Growth takes the best inactive positions (the 2.0 tie:
+    # lowest index first), never an active or just-dropped one, however large its gradient.
+    new, kept, grown = choose([mask, mask], [magnitude, magnitude], [gradient, gradient], [2, 3], [2, 1])
+    np.testing.assert_array_equal(kept[0], [True, False, False, False, False, False, True, False])
+    np.testing.assert_array_equal(kept[1], [True, True, False, False, False, False, True, False])
+    np.testing.assert_array_equal(grown[0], [False, False, False, False, True, True, False, False])
+    np.testing.assert_array_equal(grown[1], [False, False, False, False, True, False, False, False])
+    assert int(new[0].sum()) == int(new[1].sum()) == int(mask.sum())
 
 
 def test_drop_count_and_update_steps():
