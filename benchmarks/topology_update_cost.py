@@ -1,10 +1,18 @@
-"""Cost of a sparsifier's steps relative to a plain optax step, measured side by side.
+"""Cost of sparsifiers' steps relative to a plain optax step, measured side by side.
 
-MLP of four 2048x2048 layers (16.8M weights), adam, batch of 128 on CPU. Times, in one run and
-interleaved: a plain optax step, a non-update step of ``magnitude_pruning`` (gradual, 90%) and a
-topology-update step, and prints the two ratios to the plain step (targets: <= 1.05x and <= 3x).
+MLP of four 2048x2048 layers (16.8M weights), adam, batch of 128. Times, in one run and
+interleaved: a plain optax step and, for each method, a non-update step and a topology-update
+step, and prints their ratios to the plain step (targets: <= 1.05x and <= 3x).
 
-    python benchmarks/topology_update_cost.py [--reps 10] [--batch 128] [--method magnitude]
+- ``magnitude``: gradual magnitude pruning to 90% (the update prunes by magnitude);
+- ``global_magnitude``: the same with one global threshold;
+- ``rigl``, ``set``, ``snfs``, ``srigl``: dynamic sparse training at 90% (ERK), update at step
+  1000 of 100000 (drop fraction ~0.3, ~0.5 for SNFS); non-update steps of SNFS also update its
+  gradient moving average, as the method requires;
+- ``topkast``: forward 90%, backward 80%; every step updates the dense shadow weights.
+
+    python benchmarks/topology_update_cost.py [--reps 10] [--batch 128] [--method rigl set ...]
+    python benchmarks/topology_update_cost.py --method all --device gpu
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import numpy as np
 import optax
 
 import jaxsparse as js
-from jaxsparse.dst import rigl
 
 WIDTH, LAYERS = 2048, 4
 
@@ -55,14 +62,18 @@ def make_step(tx):
 
 
 def sparsifiers(update_every):
-    """Transformations to time: name -> (tx, steps to run before timing a non-update step)."""
+    """Transformations to time, by name; each has an update step at ``update_every``."""
     gradual = js.polynomial_schedule(begin_step=0, end_step=10 * update_every)
+    end = 100 * update_every
+    adam = optax.adam(1e-3)
     return {
-        "magnitude": js.magnitude_pruning(optax.adam(1e-3), sparsity=0.9, schedule=gradual, update_every=update_every),
-        "global_magnitude": js.global_magnitude_pruning(
-            optax.adam(1e-3), sparsity=0.9, schedule=gradual, update_every=update_every
-        ),
-        "rigl": rigl(optax.adam(1e-3), sparsity=0.9, update_every=update_every, end_step=100 * update_every),
+        "magnitude": js.magnitude_pruning(adam, sparsity=0.9, schedule=gradual, update_every=update_every),
+        "global_magnitude": js.global_magnitude_pruning(adam, sparsity=0.9, schedule=gradual, update_every=update_every),
+        "rigl": js.rigl(adam, sparsity=0.9, update_every=update_every, end_step=end),
+        "set": js.set_sparse(adam, sparsity=js.erk(0.9), update_every=update_every, end_step=end),
+        "snfs": js.snfs(adam, sparsity=js.erk(0.9), update_every=update_every, end_step=end),
+        "srigl": js.srigl(adam, sparsity=0.9, update_every=update_every, end_step=end),
+        "topkast": js.topkast(adam, sparsity=0.9, backward_sparsity=0.8, penalty=1e-4, update_every=update_every),
     }
 
 
@@ -70,51 +81,59 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--method", default="magnitude", choices=["magnitude", "global_magnitude", "rigl"])
+    names = list(sparsifiers(1))
+    parser.add_argument("--method", nargs="+", default=["magnitude"], choices=names + ["all"])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args()
+    methods = names if "all" in args.method else args.method
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu needs a GPU; jax sees {jax.devices()}")
 
-    update_every = 1000  # update steps at 0, 1000, ...: steps 1..999 are non-update steps
+    update_every = 1000  # update steps at 1000, 2000, ... (and 0 for pruning); 1 is a non-update step
     params = init_mlp(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, WIDTH))
     y = jax.random.normal(jax.random.PRNGKey(2), (args.batch, WIDTH))
 
-    plain_tx = optax.adam(1e-3)
-    sparse_tx = sparsifiers(update_every)[args.method]
-    plain_step, sparse_step = make_step(plain_tx), make_step(sparse_tx)
-    plain_state = plain_tx.init(params)
-    sparse_state = sparse_tx.init(params)
-
-    # Compile and run step 0 (an update step: prunes to the first schedule point).
-    p_plain, s_plain = jax.block_until_ready(plain_step(params, plain_state, x, y))
-    p_sparse, s_sparse = jax.block_until_ready(sparse_step(params, sparse_state, x, y))
-
     def timed(fn, *a):
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*a))
-        return time.perf_counter() - t0, out
+        jax.block_until_ready(fn(*a))
+        return time.perf_counter() - t0
 
     def with_step(state, step):  # the same state at another step count, to choose the branch
         return state._replace(step=jnp.asarray(step, jnp.int32))
 
-    t_plain, t_skip, t_update = [], [], []
-    for _ in range(args.reps):  # interleaved, so machine noise hits all three alike
-        dt, _ = timed(plain_step, p_plain, s_plain, x, y)
-        t_plain.append(dt)
-        dt, _ = timed(sparse_step, p_sparse, with_step(s_sparse, 1), x, y)
-        t_skip.append(dt)
-        dt, _ = timed(sparse_step, p_sparse, with_step(s_sparse, update_every), x, y)
-        t_update.append(dt)
+    plain_tx = optax.adam(1e-3)
+    plain_step = make_step(plain_tx)
+    # Compile and run one step of each: for pruning, step 0 prunes to the first schedule point.
+    p_plain, s_plain = jax.block_until_ready(plain_step(params, plain_tx.init(params), x, y))
+    runs = {}
+    for name in methods:
+        tx = sparsifiers(update_every)[name]
+        step = make_step(tx)
+        p, s = jax.block_until_ready(step(params, tx.init(params), x, y))
+        for t in (1, update_every):  # warm both branches (a first call may allocate)
+            jax.block_until_ready(step(p, with_step(s, t), x, y))
+        runs[name] = (step, p, s)
 
-    plain = float(np.median(t_plain))
-    ratio = lambda t: float(np.median(np.array(t) / np.array(t_plain)))  # per-rep ratios: robust to drift
-    best = lambda t: min(t) / min(t_plain)  # best case of each: what the machine can do unloaded
-    print(f"jax {jax.__version__}, {jax.devices()[0].platform}, MLP {LAYERS}x{WIDTH}x{WIDTH}, adam, batch {args.batch}, "
-          f"{args.method}_pruning to 90%, {args.reps} interleaved reps")
-    print(f"{'':22s} {'median ms':>10s} {'ratio (median)':>15s} {'ratio (min)':>12s}")
-    print(f"{'plain optax step':22s} {plain * 1e3:10.1f} {1.0:14.2f}x {1.0:11.2f}x")
-    print(f"{'non-update step':22s} {np.median(t_skip) * 1e3:10.1f} {ratio(t_skip):14.2f}x {best(t_skip):11.2f}x  (target <= 1.05x)")
-    print(f"{'topology-update step':22s} {np.median(t_update) * 1e3:10.1f} {ratio(t_update):14.2f}x {best(t_update):11.2f}x  (target <= 3x)")
-    print(f"compiled step reused: {sparse_step._cache_size() == 1}")
+    t_plain, t_skip, t_update = [], {n: [] for n in methods}, {n: [] for n in methods}
+    for _ in range(args.reps):  # interleaved, so machine noise hits all of them alike
+        t_plain.append(timed(plain_step, p_plain, s_plain, x, y))
+        for name, (step, p, s) in runs.items():
+            t_skip[name].append(timed(step, p, with_step(s, 1), x, y))
+            t_update[name].append(timed(step, p, with_step(s, update_every), x, y))
+
+    plain = np.array(t_plain)
+    ratio = lambda t: float(np.median(np.array(t) / plain))  # per-rep ratios: robust to drift
+    best = lambda t: min(t) / plain.min()  # best case of each: what the machine can do unloaded
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, MLP {LAYERS}x{WIDTH}x{WIDTH}, adam, "
+          f"batch {args.batch}, 90% sparse, {args.reps} interleaved reps; plain optax step {np.median(plain) * 1e3:.1f} ms (median)")
+    print(f"{'method':18s} {'non-update ms':>14s} {'ratio':>7s} {'(min)':>7s} {'update ms':>10s} {'ratio':>7s} {'(min)':>7s}")
+    for name in methods:
+        a, b = t_skip[name], t_update[name]
+        print(f"{name:18s} {np.median(a) * 1e3:14.1f} {ratio(a):6.2f}x {best(a):6.2f}x "
+              f"{np.median(b) * 1e3:10.1f} {ratio(b):6.2f}x {best(b):6.2f}x")
+    print("targets: non-update <= 1.05x, update <= 3x (ratio = median of per-rep ratios to the plain step)")
+    print(f"compiled steps reused: {all(step._cache_size() == 1 for step, _, _ in runs.values())}")
 
 
 if __name__ == "__main__":

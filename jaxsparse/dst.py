@@ -119,19 +119,20 @@ def _finite(scores):
     return jnp.nan_to_num(scores.astype(jnp.float32), nan=-big, posinf=big, neginf=-big)
 
 
-def drop_and_grow(masks, drop_scores, grow_scores, n_keep, n_grow):
-    """The drop-and-grow selection of all leaves at once: per leaf, keep the ``n_keep[i]`` active
-    entries with the highest ``drop_scores`` and grow the ``n_grow[i]`` entries inactive in
-    ``masks[i]`` with the highest ``grow_scores``. Returns ``(new_masks, kept, grown)`` lists.
+def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow):
+    """The drop-and-grow selection of all leaves: per leaf, drop the ``n_drop[i]`` active entries
+    of ``masks[i]`` with the lowest ``drop_scores`` and grow the ``n_grow[i]`` inactive entries
+    with the highest ``grow_scores``. Returns ``(new_masks, kept, grown)`` lists.
 
     Growth is chosen among positions inactive before the update only, so no weight is dropped
-    and regrown. Each selection is an exact top-k (:func:`jaxsparse.selection.top_k_mask`), ties
-    to the lowest flat index. They run as separate search loops: on CPU a loop over one array
-    runs ~2x faster per pass than one loop counting over many arrays (measured on the 4x2048^2
-    benchmark), and an update's cost is what matters here.
+    and regrown. Each selection is an exact top-k (:func:`jaxsparse.selection.top_k_mask`; of
+    tied scores the lowest flat index is dropped first and grown first). They run as separate
+    search loops: on CPU a loop over one array runs ~2x faster per pass than one loop counting
+    over many arrays (measured on the 4x2048^2 benchmark), and an update's cost matters here.
     """
-    kept = [top_k_mask(jnp.where(m, _finite(s), -jnp.inf), k) for m, s, k in zip(masks, drop_scores, n_keep)]
-    grown = [top_k_mask(jnp.where(m, -jnp.inf, _finite(s)), k) for m, s, k in zip(masks, grow_scores, n_grow)]
+    # Selecting the dropped entries (a top-k with a small k) takes fewer probes than the kept.
+    kept = [m & ~top_k_mask(jnp.where(m, -_finite(s), -jnp.inf), d) for m, s, d in zip(masks, drop_scores, n_drop)]
+    grown = [top_k_mask(jnp.where(m, -jnp.inf, _finite(s)), g) for m, s, g in zip(masks, grow_scores, n_grow)]
     return [k | g for k, g in zip(kept, grown)], kept, grown
 
 
@@ -158,7 +159,7 @@ def _drop_grow_topology(drop_score, grow_score, drop_fraction, update_every, end
             pick(inputs.masks),
             pick(_leaf_scores(drop_score, inputs, drop_key)),
             pick(_leaf_scores(grow_score, inputs, grow_key)),
-            [plan[i].keep - d for i, d in zip(changing, n_drop)],
+            n_drop,
             n_drop,
         )
         masks = list(inputs.masks)

@@ -84,8 +84,7 @@ def _snfs_topology(drop_fraction, end_step, update_every, momentum) -> Topology:
         )
         grows = allocate(sum(drops), mean_speed, caps)
         magnitudes = [jnp.abs(p) for p in inputs.params]
-        n_keep = [n - d for n, d in zip(active, drops)]
-        new, _, _ = drop_and_grow(inputs.masks, magnitudes, speed, n_keep, [grows[i] for i in range(len(active))])
+        new, _, _ = drop_and_grow(inputs.masks, magnitudes, speed, drops, [grows[i] for i in range(len(active))])
         return new, inputs.aux
 
     return Topology(

@@ -133,7 +133,7 @@ def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axi
         nnz = [jnp.sum(c) for c in counts]
         d = [drop_count(n, leaf.size, fraction) for n, leaf in zip(nnz, inputs.plan)]
         # 1. RigL's layer-wise selection: kept weights and growth candidates.
-        _, kept, candidates = drop_and_grow(m, magnitude, gradient, [n - x for n, x in zip(nnz, d)], d)
+        _, kept, candidates = drop_and_grow(m, magnitude, gradient, d, d)
         return [
             neuron_update(leaf, *args) for leaf, *args in zip(inputs.plan, m, magnitude, gradient, counts, kept, candidates)
         ], inputs.aux
