@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import jaxsparse as js
+from jaxsparse.selection import top_k_mask, top_k_masks_nested
 from jaxsparse.dst import drop_and_grow, drop_count, dst_update_steps, update_fractions
 from dst_testing import make_step, params_shaped_leaves, run
 
@@ -117,6 +118,21 @@ def test_drop_and_grow_choices():
     np.testing.assert_array_equal(grown[0], [False, False, False, False, True, True, False, False])
     np.testing.assert_array_equal(grown[1], [False, False, False, False, True, False, False, False])
     assert int(new[0].sum()) == int(new[1].sum()) == int(mask.sum())
+
+
+def test_nested_selection_equals_separate_selections():
+    # jaxsparse.selection.top_k_masks_nested, the search behind drop_and_grow.
+    rng = np.random.default_rng(0)
+    cases = [
+        (rng.integers(0, 5, size=(7, 9)).astype(np.float32), [0, 5, 17, 63]),  # many ties, k = 0 and N
+        (rng.normal(size=(33,)).astype(np.float32), [1, 32, 9]),  # 1-D, an odd number of ks
+    ]
+    single = jax.jit(top_k_mask)
+    for scores, ks in cases:
+        nested = jax.jit(top_k_masks_nested)(jnp.asarray(scores), ks)
+        for k, mask in zip(ks, nested):
+            np.testing.assert_array_equal(mask, single(jnp.asarray(scores), k))
+            assert int(mask.sum()) == min(k, scores.size)
 
 
 def test_drop_count_and_update_steps():
