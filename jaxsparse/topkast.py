@@ -33,7 +33,7 @@ import optax
 
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
 from jaxsparse.dst import _finite, dst_update_steps
-from jaxsparse.selection import top_k_masks_per_leaf
+from jaxsparse.selection import top_k_masks_nested
 from jaxsparse.sparsifier import Topology, TopologyInputs, sparsifier
 
 __all__ = ["TopKastAux", "topkast"]
@@ -58,9 +58,12 @@ def _topkast_topology(backward: Distribution, penalty: float, update_every: int)
         return [max(keep_count(leaf.size, targets[leaf.name]), leaf.keep) for leaf in plan]
 
     def sets(plan, shadow):
-        magnitudes = [_finite(jnp.abs(theta)) for theta in shadow]
-        chosen = top_k_masks_per_leaf(magnitudes + magnitudes, [leaf.keep for leaf in plan] + backward_keeps(plan))
-        return chosen[: len(plan)], chosen[len(plan) :]
+        # Both sets are top-k of the same magnitudes: one nested search per leaf.
+        chosen = [
+            top_k_masks_nested(_finite(jnp.abs(theta)), [leaf.keep, k])
+            for theta, leaf, k in zip(shadow, plan, backward_keeps(plan))
+        ]
+        return [forward for forward, _ in chosen], [back for _, back in chosen]
 
     def init(inputs: TopologyInputs):
         forward, back = sets(inputs.plan, inputs.params)
