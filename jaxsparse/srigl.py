@@ -116,8 +116,14 @@ def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axi
         active = jnp.where(jnp.any(active), active, most_salient)
         fan = jnp.minimum(fan_in, (k0 * n_out) // jnp.sum(active, dtype=jnp.int32))
         # 3. Per active neuron: its largest kept weights, then growth up to the fan-in.
-        n_keep = jnp.where(active, jnp.minimum(jnp.sum(kept, axis=0, dtype=jnp.int32), fan), 0)
-        keep = neuron_top_k(jnp.where(kept, magnitude, -jnp.inf), n_keep)
+        kept_per_neuron = jnp.sum(kept, axis=0, dtype=jnp.int32)
+        n_keep = jnp.where(active, jnp.minimum(kept_per_neuron, fan), 0)
+        # A neuron has more kept weights than the fan-in only when revived neurons lower it.
+        keep = lax.cond(
+            jnp.any(kept_per_neuron > fan),
+            lambda: neuron_top_k(jnp.where(kept, magnitude, -jnp.inf), n_keep),
+            lambda: kept & active,
+        )
         # Growth prefers positions inactive before the update (scored by |g| >= 0); a weight
         # dropped in step 1 (-1) is taken back only when a neuron has too few of them.
         grow_scores = jnp.where(keep, -jnp.inf, jnp.where(m, -1.0, _finite(gradient)))
