@@ -212,8 +212,9 @@ def dynamic_sparse(
     Args:
       inner: the optax transformation to wrap.
       sparsity: a float (uniform over the leaves) or a distribution (``jaxsparse.erk(0.9)``).
-      grow_score, drop_score: ``score(param, grad, key) -> array`` (:mod:`jaxsparse.scores`);
-        higher is grown / kept. ``grad`` is the step's dense gradient.
+      grow_score, drop_score: ``score(param, grad, key) -> array`` of non-negative scores
+        (:mod:`jaxsparse.scores`: magnitude, random, gradient_magnitude, saliency); higher is
+        grown / kept, negative values count as 0. ``grad`` is the step's dense gradient.
       update_every: steps between topology updates (the first at step ``update_every``).
       end_step: last step (exclusive) of topology updates; with it the drop fraction decays as
         RigL's cosine, without it (None) it stays ``drop_fraction`` forever.
