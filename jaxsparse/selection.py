@@ -83,7 +83,7 @@ def _histogram(keys, groups: _Groups, shift: int, width: int, prefix):
         if shift + width < 32:
             matches = (u >> (shift + width)) == (prefix[g] >> (shift + width))
             index = jnp.where(matches, index, digit + groups.n * bins)
-        hist = hist.at[index.reshape(-1)].add(1)
+        hist = hist.at[index].add(1)  # no reshape: a flattened sharded array would be gathered
     return hist[: groups.n * bins].reshape(groups.n, bins)
 
 
