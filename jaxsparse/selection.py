@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["score_keys", "select_top_k", "top_k_masks", "top_k_masks_per_leaf", "top_k_mask"]
+__all__ = ["score_keys", "select_top_k", "top_k_masks", "top_k_masks_per_leaf", "top_k_masks_nested", "top_k_mask"]
 
 _MAX_BINS = 1 << 22  # bound on groups x bins per histogram (16 MiB of int32)
 
@@ -74,6 +74,9 @@ def _histogram(keys, groups: _Groups, shift: int, width: int, prefix):
     """Per group, counts of the digit ``(key >> shift) & (2**width - 1)`` among keys whose bits
     above the digit equal ``prefix``'s; shape ``(groups, 2**width)``."""
     bins = 1 << width
+    if shift + width == 32 and len({id(u) for u in keys}) < len(keys):
+        # First digit of an array searched by several groups (nested selections): one pass.
+        return _shared_first_histogram(keys, groups, shift, width)
     # Non-matching keys are counted in a spare histogram (the last one) by their own digit:
     # sending them all to one bin would serialise the scatter on that address.
     hist = jnp.zeros((groups.n + 1) * bins, jnp.int32)
@@ -85,6 +88,18 @@ def _histogram(keys, groups: _Groups, shift: int, width: int, prefix):
             index = jnp.where(matches, index, digit + groups.n * bins)
         hist = hist.at[index].add(1)  # no reshape: a flattened sharded array would be gathered
     return hist[: groups.n * bins].reshape(groups.n, bins)
+
+
+def _shared_first_histogram(keys, groups: _Groups, shift: int, width: int):
+    """Top-digit histograms per group, counting each distinct array once."""
+    bins = 1 << width
+    per_array = {}
+    for u in keys:
+        if id(u) not in per_array:
+            digit = (u >> shift).astype(jnp.int32)
+            per_array[id(u)] = jnp.zeros(bins, jnp.int32).at[digit].add(1)
+    rows = [sum(per_array[id(keys[i])] for i in members) for members in groups.members]
+    return jnp.stack(rows)
 
 
 def _kth_largest_keys(keys, ks, groups: _Groups):
@@ -145,10 +160,15 @@ def select_top_k(scores: Sequence[jax.Array], ks, group_of: Sequence[int]) -> li
             for i, m in zip(nonempty, found):
                 masks[i] = m
         return masks
-    groups = _Groups([int(s.size) for s in scores], group_of)
+    return _select_keys([score_keys(s) for s in scores], ks, group_of)
+
+
+def _select_keys(keys, ks, group_of):
+    groups = _Groups([int(u.size) for u in keys], group_of)
     totals = jnp.array(groups.totals, jnp.int32)
     ks = jnp.clip(jnp.asarray(ks, jnp.int32).reshape(groups.n), 0, totals)
-    keys = [score_keys(s) for s in scores]
+    if not any(u.size for u in keys):
+        return [jnp.zeros(u.shape, bool) for u in keys]
     t, keep_equal, n_equal = _kth_largest_keys(keys, jnp.maximum(ks, 1), groups)
     t = jnp.where(ks == 0, jnp.uint32(0xFFFFFFFF), t)  # no key reaches it (+inf maps below)
     keep_equal = jnp.where(ks == 0, 0, keep_equal)
@@ -180,6 +200,20 @@ def top_k_masks_per_leaf(scores: Sequence[jax.Array], ks) -> list[jax.Array]:
     if not scores:
         return []
     return select_top_k(scores, jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), list(range(len(scores))))
+
+
+def top_k_masks_nested(scores: jax.Array, ks: Sequence) -> list[jax.Array]:
+    """Masks of the ``ks[j]`` largest entries of one array, for several ``k`` at once.
+
+    Each mask is exactly ``top_k_mask(scores, ks[j])`` (so they are nested); the histogram of
+    the top digit is computed once for all of them. Dynamic sparse training encodes its drop
+    and grow sets as the top ``n_keep`` and top ``n_active + n_grow`` of one banded score array.
+    """
+    ks = list(ks)
+    if not ks:
+        return []
+    keys = score_keys(scores)  # one array object shared by every group
+    return _select_keys([keys] * len(ks), jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), list(range(len(ks))))
 
 
 def top_k_mask(scores: jax.Array, k) -> jax.Array:
