@@ -3,29 +3,30 @@
 Every topology update comes down to "keep the ``k`` entries with the largest score", per leaf or
 over several leaves at once (global pruning). Sorting a 4M-entry tensor on CPU costs hundreds of
 milliseconds (and ``lax.top_k`` with a large ``k`` is a sort), which is why a topology update in
-other libraries costs ~100 ordinary steps. Here the k-th largest score is found by a threshold
-search instead, each probe being one fused compare-and-count pass over the scores:
+other libraries costs ~100 ordinary steps. Here the k-th largest score is found by a radix
+select over histograms instead:
 
 1. Scores are mapped to ``uint32`` keys whose integer order is the float order.
-2. A strided sample of the scores gives two guesses bracketing the k-th largest key.
-3. A safeguarded interpolation search (regula falsi on the count, falling back to bisection of
-   the key range whenever a probe fails to halve the bracket) narrows ``[lo, hi)`` until the
-   answer is pinned: the bracket is one key wide, or exactly ``k`` keys lie at or above ``lo``
-   (the answer is then the smallest key >= ``lo``), or exactly ``k - 1`` lie at or above ``hi``
-   (the answer is the largest key < ``hi``). Both last cases finish with one min/max pass.
+2. A histogram of the keys' top 16 bits (one scatter-add pass) locates the bucket holding the
+   k-th largest key and how many keys lie above that bucket.
+3. A histogram of the low 16 bits of the keys in that bucket (a second pass) gives the key
+   itself. The number of passes is fixed (2, or 3-4 with narrower digits when there are very
+   many groups), so there is no data-dependent loop.
+4. One compare pass builds the mask. Entries tied at the threshold are kept lowest flat index
+   first (leaves in the order given): when ties straddle the threshold, the same radix select
+   runs on position keys of the tied entries, under ``lax.cond`` so it costs nothing otherwise.
 
-On smooth score distributions this takes ~5 passes; the worst case (adversarial gaps) is bounded
-by the bisection fallback, ~64 passes, still with static shapes. Entries tied at the threshold
-are kept lowest flat index first (leaves in the order given), which costs a cumulative sum and so
-runs under ``lax.cond`` only when ties straddle the threshold.
+Leaves can be partitioned into groups that each keep their own ``k`` (one group: global
+pruning; one group per leaf: per-layer budgets); all groups share the same passes, so a model
+with hundreds of leaves compiles a handful of scatters, not hundreds of searches.
 
-All reductions are sums/min/max that XLA partitions across devices, so sharded scores are never
-gathered onto one device (DESIGN.md invariant 7); only the rare tie-break's cumsum communicates.
+The histograms are scatter-adds that XLA partitions across devices (partial histograms and a
+sum), so sharded scores are never gathered onto one device (DESIGN.md invariant 7).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,24 +34,7 @@ from jax import lax
 
 __all__ = ["score_keys", "select_top_k", "top_k_masks", "top_k_masks_per_leaf", "top_k_masks_nested", "top_k_mask"]
 
-
-_UMAX = 0xFFFFFFFF
-_SAMPLE = 16384  # per-group size of the strided sample used to guess the threshold
-_MAX_PROBES = 100  # interpolation + bisection needs at most ~66; this only bounds pathological input
-
-
-class _Brackets(NamedTuple):
-    """Search state per group: count(keys >= lo) = n_lo >= k > n_hi = count(keys >= hi)."""
-
-    lo: jax.Array
-    n_lo: jax.Array
-    f_lo: jax.Array  # interpolation weight of lo (n_lo - target, halved by Illinois steps)
-    hi: jax.Array
-    n_hi: jax.Array
-    f_hi: jax.Array
-    it: jax.Array
-    bisect: jax.Array  # next probe bisects the key range
-    raised_lo: jax.Array  # which end the last probe moved
+_MAX_BINS = 1 << 22  # bound on groups x bins per histogram (16 MiB of int32)
 
 
 def score_keys(scores: jax.Array) -> jax.Array:
@@ -71,146 +55,95 @@ class _Groups:
         self.members = [[i for i, g in enumerate(self.group_of) if g == gi] for gi in range(self.n)]
         self.totals = [sum(sizes[i] for i in m) for m in self.members]
 
-    def reduce(self, per_leaf, op=sum):
-        """Combine per-leaf scalars into a (groups,) vector."""
-        return jnp.stack([op([per_leaf[i] for i in m]) for m in self.members])
+    def reduce(self, per_leaf):
+        """Sum per-leaf scalars into a (groups,) vector."""
+        return jnp.stack([sum(per_leaf[i] for i in m) for m in self.members])
+
+    def digit_widths(self) -> list[int]:
+        """Bits per radix pass: as wide as the histogram budget allows for this many groups."""
+        width = 16
+        while width > 8 and self.n << width > _MAX_BINS:
+            width -= 1
+        widths = []
+        while sum(widths) < 32:
+            widths.append(min(width, 32 - sum(widths)))
+        return widths
 
 
-def _sample_guesses(keys, ks, groups: _Groups):
-    """Per group, two keys from a strided sample likely bracketing its k-th largest: (below, above)."""
-    samples = []
-    for members, total in zip(groups.members, groups.totals):
-        stride = max(1, total // _SAMPLE)
-        samples.append(jnp.concatenate([keys[i].reshape(-1)[::stride] for i in members]))
-    width = max(s.shape[0] for s in samples)
-    sizes = jnp.array([s.shape[0] for s in samples], jnp.float32)
-    # Pad with the lowest key: padding sorts first and the ranks below count from the top.
-    padded = jnp.stack([jnp.pad(s, (width - s.shape[0], 0)) for s in samples])
-    ordered = jnp.sort(padded, axis=1)
-    rank = ks.astype(jnp.float32) * (sizes / jnp.array(groups.totals, jnp.float32))
-    margin = 3.0 * jnp.sqrt(rank * jnp.maximum(1.0 - rank / sizes, 0.0)) + 2.0
-    lowest = width - sizes.astype(jnp.int32)
-
-    def at_rank(r):
-        index = jnp.clip(width - r.astype(jnp.int32), lowest, width - 1)
-        return jnp.take_along_axis(ordered, index[:, None], axis=1)[:, 0]
-
-    return at_rank(jnp.ceil(rank + margin)), at_rank(jnp.floor(rank - margin))
+def _histogram(keys, groups: _Groups, shift: int, width: int, prefix):
+    """Per group, counts of the digit ``(key >> shift) & (2**width - 1)`` among keys whose bits
+    above the digit equal ``prefix``'s; shape ``(groups, 2**width)``."""
+    bins = 1 << width
+    if shift + width == 32 and len({id(u) for u in keys}) < len(keys):
+        # First digit of an array searched by several groups (nested selections): one pass.
+        return _shared_first_histogram(keys, groups, shift, width)
+    # Non-matching keys are counted in a spare histogram (the last one) by their own digit:
+    # sending them all to one bin would serialise the scatter on that address.
+    hist = jnp.zeros((groups.n + 1) * bins, jnp.int32)
+    for u, g in zip(keys, groups.group_of):
+        digit = ((u >> shift) & jnp.uint32(bins - 1)).astype(jnp.int32)
+        index = digit + g * bins
+        if shift + width < 32:
+            matches = (u >> (shift + width)) == (prefix[g] >> (shift + width))
+            index = jnp.where(matches, index, digit + groups.n * bins)
+        hist = hist.at[index].add(1)  # no reshape: a flattened sharded array would be gathered
+    return hist[: groups.n * bins].reshape(groups.n, bins)
 
 
-def _count_ge(keys, c, groups: _Groups):
-    return groups.reduce([jnp.sum(u >= c[g], dtype=jnp.int32) for u, g in zip(keys, groups.group_of)])
+def _shared_first_histogram(keys, groups: _Groups, shift: int, width: int):
+    """Top-digit histograms per group, counting each distinct array once."""
+    bins = 1 << width
+    per_array = {}
+    for u in keys:
+        if id(u) not in per_array:
+            digit = (u >> shift).astype(jnp.int32)
+            per_array[id(u)] = jnp.zeros(bins, jnp.int32).at[digit].add(1)
+    rows = [sum(per_array[id(keys[i])] for i in members) for members in groups.members]
+    return jnp.stack(rows)
 
 
-def _kth_largest_keys(keys, ks, groups: _Groups, bracket=None, guesses=None, count=_count_ge):
-    """Per group, the k-th largest key (``1 <= k <= group total``), all groups in one search loop.
+def _kth_largest_keys(keys, ks, groups: _Groups):
+    """Per group, the k-th largest key (``1 <= k <= group total``) by radix select.
 
-    ``bracket``: optional initial ``(lo, n_lo, hi, n_hi)`` with ``n_lo >= k > n_hi`` (default: the
-    whole key range). ``guesses``: optional ``(below, above)`` keys to probe first.
+    Returns ``(t, keep_equal, n_equal)``: the key, how many entries equal to it are among the
+    top k, and how many entries equal it in all.
     """
-    one = jnp.uint32(1)
-    target = ks.astype(jnp.float32) - 0.5  # aim between the k-th and (k+1)-th largest
-
-    def pinned(s):
-        return (s.hi - s.lo <= one) | (s.n_lo == ks) | (s.n_hi == ks - 1)
-
-    def cond(s):
-        return jnp.any(~pinned(s)) & (s.it < _MAX_PROBES)
-
-    def probe(s):
-        # Regula falsi on the count with the Illinois modification (halve the weight of an end
-        # kept twice in a row) so brackets close from both sides; bisection of the key range
-        # whenever interpolation fails to halve the count range; sample guesses first.
-        width = s.hi - s.lo  # >= 2 where not pinned; uint32 arithmetic spans the full key range
-        frac = s.f_lo / jnp.where(s.f_lo > s.f_hi, s.f_lo - s.f_hi, 1.0)
-        offset = jnp.clip(width.astype(jnp.float32) * frac, 1.0, 4294967040.0).astype(jnp.uint32)
-        interp = s.lo + jnp.clip(offset, one, jnp.maximum(width, 2 * one) - one)
-        if guesses is None:
-            use_guess, guess = jnp.zeros(groups.n, bool), s.lo
-        else:
-            guess = jnp.where(s.it == 0, guesses[0], guesses[1])
-            use_guess = (s.it < 2) & (guess > s.lo) & (guess < s.hi)
-        c = jnp.where(use_guess, guess, jnp.where(s.bisect, s.lo + width // 2, interp))
-        n = count(keys, c, groups)
-        live = ~pinned(s)
-        raise_lo = n >= ks
-        f = n.astype(jnp.float32) - target
-        again = raise_lo == s.raised_lo  # the same end moved twice: halve the other end's weight
-        new = _Brackets(
-            lo=jnp.where(raise_lo, c, s.lo),
-            n_lo=jnp.where(raise_lo, n, s.n_lo),
-            f_lo=jnp.where(raise_lo, f, jnp.where(again, 0.5 * s.f_lo, s.f_lo)),
-            hi=jnp.where(raise_lo, s.hi, c),
-            n_hi=jnp.where(raise_lo, s.n_hi, n),
-            f_hi=jnp.where(raise_lo, jnp.where(again, 0.5 * s.f_hi, s.f_hi), f),
-            it=s.it + 1,
-            # Interpolation that lands close to the target on one side leaves the far end in
-            # place, so the count range need not halve while the search converges fast: bisect
-            # only after the guesses and six interpolations (worst case ~8 + 66 probes).
-            bisect=(2 * (jnp.where(raise_lo, n, s.n_lo) - jnp.where(raise_lo, s.n_hi, n)) > (s.n_lo - s.n_hi))
-            & ~s.bisect
-            & ~use_guess
-            & (s.it >= 8),
-            raised_lo=raise_lo,
-        )
-        return jax.tree.map(lambda a, b: jnp.where(live, a, b) if a.ndim else a, new, s)
-
-    if bracket is None:
-        totals = jnp.array(groups.totals, jnp.int32)
-        bracket = (jnp.zeros(groups.n, jnp.uint32), totals, jnp.full(groups.n, _UMAX, jnp.uint32), jnp.zeros(groups.n, jnp.int32))
-    lo, n_lo, hi, n_hi = bracket
-    init = _Brackets(
-        lo=lo, n_lo=n_lo, f_lo=n_lo.astype(jnp.float32) - target,
-        hi=hi, n_hi=n_hi, f_hi=n_hi.astype(jnp.float32) - target,
-        it=jnp.int32(0), bisect=jnp.zeros(groups.n, bool), raised_lo=jnp.zeros(groups.n, bool),
-    )
-    s = lax.while_loop(cond, probe, init)
-    lo, hi = s.lo, s.hi
-    # Pinned by a count: the answer is the nearest key inside the bracket (one min/max pass).
-    need_min = (hi - lo > one) & (s.n_lo == ks)
-    need_max = (hi - lo > one) & ~need_min
-
-    def smallest_at_or_above():
-        per_leaf = [jnp.min(jnp.where(u >= lo[g], u, jnp.uint32(_UMAX))) for u, g in zip(keys, groups.group_of)]
-        return groups.reduce(per_leaf, lambda xs: jnp.min(jnp.stack(xs)))
-
-    def largest_below():
-        per_leaf = [jnp.max(jnp.where(u < hi[g], u, jnp.uint32(0))) for u, g in zip(keys, groups.group_of)]
-        return groups.reduce(per_leaf, lambda xs: jnp.max(jnp.stack(xs)))
-
-    t = lo
-    t = jnp.where(need_min, lax.cond(jnp.any(need_min), smallest_at_or_above, lambda: lo), t)
-    t = jnp.where(need_max, lax.cond(jnp.any(need_max), largest_below, lambda: lo), t)
-    return t
+    prefix = jnp.zeros(groups.n, jnp.uint32)
+    rank = ks  # rank of the answer among the keys that share the prefix, from the top
+    shift = 32
+    for width in groups.digit_widths():
+        shift -= width
+        hist = _histogram(keys, groups, shift, width, prefix)
+        at_or_above = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # keys with digit >= d
+        digit = jnp.sum(at_or_above >= rank[:, None], axis=1, dtype=jnp.int32) - 1
+        above = jnp.take_along_axis(at_or_above, jnp.minimum(digit + 1, (1 << width) - 1)[:, None], axis=1)[:, 0]
+        above = jnp.where(digit + 1 < (1 << width), above, 0)
+        rank = rank - above
+        equal = jnp.take_along_axis(hist, digit[:, None], axis=1)[:, 0]
+        prefix = prefix | (digit.astype(jnp.uint32) << shift)
+    return prefix, rank, equal
 
 
-def _break_ties(keys, t, ks, groups: _Groups):
-    """Keep keys > t, then keys == t by position (leaf order, then flat index) until k are kept.
-
-    The tied entries get distinct keys that decrease with their position in the group, and the
-    same search picks exactly the ``need`` first ones: no cumulative sum (slow on CPU and slow
-    to compile), one loop for all leaves.
-    """
-    above = [u > t[g] for u, g in zip(keys, groups.group_of)]
-    ties = [u == t[g] for u, g in zip(keys, groups.group_of)]
-    n_ties = groups.reduce([jnp.sum(e, dtype=jnp.int32) for e in ties])
-    need = ks - groups.reduce([jnp.sum(a, dtype=jnp.int32) for a in above])
+def _break_ties(keys, t, keep_equal, groups: _Groups):
+    """Keep keys > t, and the first ``keep_equal`` keys == t by position (leaf order, then flat
+    index), found by the same radix select on keys that decrease with position."""
     offsets = [sum(keys[j].size for j in groups.members[g] if j < i) for i, g in enumerate(groups.group_of)]
-    rank_keys = []  # group total - position: in [1, total] for tied entries, 0 for the others
-    for u, eq, g, offset in zip(keys, ties, groups.group_of, offsets):
+    position_keys = []  # group total - position for tied entries (>= 1), 0 for the others
+    for u, g, offset in zip(keys, groups.group_of, offsets):
         position = lax.iota(jnp.uint32, u.size).reshape(u.shape) + jnp.uint32(offset)
-        rank_keys.append(jnp.where(eq, jnp.uint32(groups.totals[g]) - position, jnp.uint32(0)))
-    totals = jnp.array(groups.totals, jnp.uint32)
-    bracket = (jnp.ones(groups.n, jnp.uint32), n_ties, totals + 1, jnp.zeros(groups.n, jnp.int32))
-    cut = _kth_largest_keys(rank_keys, jnp.clip(need, 1, n_ties), groups, bracket)
-    return [a | ((r >= cut[g]) & (need[g] > 0)) for a, r, g in zip(above, rank_keys, groups.group_of)]
+        position_keys.append(jnp.where(u == t[g], jnp.uint32(groups.totals[g]) - position, jnp.uint32(0)))
+    cut, _, _ = _kth_largest_keys(position_keys, jnp.maximum(keep_equal, 1), groups)
+    return [
+        (u > t[g]) | ((p >= cut[g]) & (keep_equal[g] > 0))
+        for u, p, g in zip(keys, position_keys, groups.group_of)
+    ]
 
 
-def select_top_k(scores: Sequence[jax.Array], ks, group_of: Sequence[int], count=_count_ge) -> list[jax.Array]:
+def select_top_k(scores: Sequence[jax.Array], ks, group_of: Sequence[int]) -> list[jax.Array]:
     """Exact top-k masks for leaves partitioned into groups, each group keeping its own ``ks[g]``.
 
-    ``group_of[i]`` is the group (0..G-1) of ``scores[i]``; ``ks`` has one entry per group. All
-    groups are searched in one loop. :func:`top_k_masks` (one group) and
+    ``group_of[i]`` is the group (0..G-1) of ``scores[i]``; ``ks`` has one entry per group,
+    clipped to ``[0, group size]``. :func:`top_k_masks` (one group) and
     :func:`top_k_masks_per_leaf` (a group per leaf) are the common cases.
     """
     scores = list(scores)
@@ -227,18 +160,21 @@ def select_top_k(scores: Sequence[jax.Array], ks, group_of: Sequence[int], count
             for i, m in zip(nonempty, found):
                 masks[i] = m
         return masks
-    groups = _Groups([int(s.size) for s in scores], group_of)
+    return _select_keys([score_keys(s) for s in scores], ks, group_of)
+
+
+def _select_keys(keys, ks, group_of):
+    groups = _Groups([int(u.size) for u in keys], group_of)
     totals = jnp.array(groups.totals, jnp.int32)
     ks = jnp.clip(jnp.asarray(ks, jnp.int32).reshape(groups.n), 0, totals)
-    keys = [score_keys(s) for s in scores]
-    nontrivial = (ks > 0) & (ks < totals)
-    ks_search = jnp.where(nontrivial, ks, 1)
-    t = _kth_largest_keys(keys, ks_search, groups, guesses=_sample_guesses(keys, ks_search, groups), count=count)
-    t = jnp.where(ks == 0, jnp.uint32(_UMAX), jnp.where(ks == totals, jnp.uint32(0), t))
-    # No key reaches UMAX (+inf maps below it) and every key reaches 0: all False / all True.
+    if not any(u.size for u in keys):
+        return [jnp.zeros(u.shape, bool) for u in keys]
+    t, keep_equal, n_equal = _kth_largest_keys(keys, jnp.maximum(ks, 1), groups)
+    t = jnp.where(ks == 0, jnp.uint32(0xFFFFFFFF), t)  # no key reaches it (+inf maps below)
+    keep_equal = jnp.where(ks == 0, 0, keep_equal)
     at_or_above = [u >= t[g] for u, g in zip(keys, groups.group_of)]
-    exact = groups.reduce([jnp.sum(m, dtype=jnp.int32) for m in at_or_above]) == ks
-    return lax.cond(jnp.all(exact), lambda: at_or_above, lambda: _break_ties(keys, t, ks, groups))
+    exact = (keep_equal == n_equal) | (ks == 0)
+    return lax.cond(jnp.all(exact), lambda: at_or_above, lambda: _break_ties(keys, t, keep_equal, groups))
 
 
 def top_k_masks(scores: Sequence[jax.Array], k) -> list[jax.Array]:
@@ -259,46 +195,25 @@ def top_k_masks(scores: Sequence[jax.Array], k) -> list[jax.Array]:
 
 
 def top_k_masks_per_leaf(scores: Sequence[jax.Array], ks) -> list[jax.Array]:
-    """Like :func:`top_k_mask` on each array with its own ``ks[i]``, in one search loop.
-
-    Searching all leaves together compiles one loop instead of one per leaf (compile time
-    matters for models with hundreds of leaves) and takes as many passes as the slowest leaf.
-    """
+    """Like :func:`top_k_mask` on each array with its own ``ks[i]``, all in the same passes."""
     scores = list(scores)
     if not scores:
         return []
     return select_top_k(scores, jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), list(range(len(scores))))
 
 
-def _count_ge_same_array(keys, c, groups: _Groups):
-    """:func:`_count_ge` when every group searches the same array ``keys[0]``: two thresholds per
-    pass, as the 16-bit halves of one ``uint32`` row sum (rows shorter than 2^16). A pass is
-    memory-bound on CPU, and two sibling reductions over one array run ~4x slower than one."""
-    u = keys[0]
-    rows = u.reshape(-1, u.shape[-1]) if u.ndim and u.shape[-1] < 65536 else None
-    counts = []
-    for j in range(0, groups.n, 2):
-        if rows is None or j + 1 == groups.n:
-            counts += [jnp.sum(u >= c[i], dtype=jnp.int32) for i in range(j, min(j + 2, groups.n))]
-            continue
-        packed = jnp.sum((rows >= c[j]).astype(jnp.uint32) + ((rows >= c[j + 1]).astype(jnp.uint32) << 16), axis=1)
-        counts += [jnp.sum(packed & 0xFFFF, dtype=jnp.int32), jnp.sum(packed >> 16, dtype=jnp.int32)]
-    return jnp.stack(counts)
-
-
 def top_k_masks_nested(scores: jax.Array, ks: Sequence) -> list[jax.Array]:
     """Masks of the ``ks[j]`` largest entries of one array, for several ``k`` at once.
 
-    The masks are nested (a larger ``k``'s mask contains a smaller one's) and each is exactly
-    :func:`top_k_mask` ``(scores, ks[j])``, ties to the lowest flat index. All thresholds are
-    found in one search loop whose passes read the array once for two thresholds, so two
-    selections cost little more than one (e.g. dynamic sparse training's drop and grow sets,
-    encoded as the top ``d`` and top ``n + d`` of one score array).
+    Each mask is exactly ``top_k_mask(scores, ks[j])`` (so they are nested); the histogram of
+    the top digit is computed once for all of them. Dynamic sparse training encodes its drop
+    and grow sets as the top ``n_keep`` and top ``n_active + n_grow`` of one banded score array.
     """
     ks = list(ks)
-    if scores.size == 0:
-        return [jnp.zeros(scores.shape, bool) for _ in ks]
-    return select_top_k([scores] * len(ks), jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), list(range(len(ks))), count=_count_ge_same_array)
+    if not ks:
+        return []
+    keys = score_keys(scores)  # one array object shared by every group
+    return _select_keys([keys] * len(ks), jnp.stack([jnp.asarray(k, jnp.int32) for k in ks]), list(range(len(ks))))
 
 
 def top_k_mask(scores: jax.Array, k) -> jax.Array:

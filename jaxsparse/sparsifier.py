@@ -253,7 +253,9 @@ def sparsifier(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SparsifierState`.
-      ``update`` requires ``params``.
+      ``update`` requires ``params``. Put it last in an ``optax.chain`` (wrap the rest as
+      ``inner``): a transformation after it would rescale the ``-param`` updates that zero
+      pruned entries.
     """
     distribution = as_distribution(sparsity)
     inner = optax.with_extra_args_support(inner)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsparse.selection import score_keys, top_k_mask, top_k_masks, top_k_masks_per_leaf
+from jaxsparse.selection import score_keys, top_k_mask, top_k_masks, top_k_masks_nested, top_k_masks_per_leaf
 
 
 def reference(scores, k):
@@ -99,3 +99,13 @@ def test_per_leaf_matches_separate_selections():
         got = jax.jit(top_k_masks_per_leaf)(scores, ks)
         for g, s, k in zip(got, scores, ks):
             np.testing.assert_array_equal(np.asarray(g), reference([s], k)[0])
+
+
+def test_nested_equals_separate_selections():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(37, 11)).astype(np.float32)
+    x[3] = 0.25  # a row of ties
+    for ks in [(5, 100, 407), (0, 407), (11, 11, 12), (200,)]:
+        got = jax.jit(top_k_masks_nested)(x, ks)
+        for g, k in zip(got, ks):
+            np.testing.assert_array_equal(np.asarray(g), reference([x], k)[0])
