@@ -143,8 +143,8 @@ def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow):
     positions inactive before the update only, so no weight is dropped and regrown. Both sets
     are exact top-k selections of one score array per leaf (:func:`_banded`): the dropped set
     is its top ``n_drop`` and the active set plus the grown one its top ``active + n_grow``,
-    found together by :func:`jaxsparse.selection.top_k_masks_nested` (one search loop whose
-    passes read the array once), ties to the lowest flat index (dropped first, grown first).
+    found together by :func:`jaxsparse.selection.top_k_masks_nested` (the passes over the
+    array are shared), ties to the lowest flat index (dropped first, grown first).
     """
     new, kept, grown = [], [], []
     for m, ds, gs, d, g in zip(masks, drop_scores, grow_scores, n_drop, n_grow):
