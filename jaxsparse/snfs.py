@@ -53,7 +53,7 @@ def allocate(total, weights, caps):
         before = jnp.cumsum(add) - add
         return jnp.clip(remaining - before, 0, add)
 
-    for _ in range(len(caps)):  # each round either finishes or caps at least one more share
+    for _ in range(len(caps)):  # a share capped in one round drops out of the next
         w = jnp.where(alloc < caps, weights, 0.0)
         total_w = jnp.sum(w)
         share = jnp.where(total_w > 0, jnp.floor(remaining.astype(jnp.float32) * w / jnp.where(total_w > 0, total_w, 1.0)), 0.0)

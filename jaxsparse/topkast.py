@@ -16,7 +16,8 @@ sparsifier state as shadow weights (``state.aux.shadow``, one array per sparsifi
 the backward masks ``state.aux.backward``). The loss gradient with respect to params is the
 gradient with respect to the forward weights the paper uses; the inner optimizer sees it on
 ``B`` (its moments are kept on ``B`` and reset where ``B`` changes), the shadow takes the inner
-update on ``B``, and params become ``theta * A``. The shadow costs one params-sized buffer.
+update on ``B``, and params become ``theta * A``. The shadow costs one params-sized buffer, and
+it is the source of truth: params changed outside the optimizer are overwritten at its next step.
 
 ``A`` and ``B`` are recomputed from ``|theta|`` every ``update_every`` steps (exact budgets
 ``N - floor(s N)`` per leaf, ties to the lowest index). The paper defines them at every step
