@@ -26,7 +26,7 @@ from jaxsparse.schedules import (
 )
 from jaxsparse import scores
 from jaxsparse.selection import top_k_mask, top_k_masks
-from jaxsparse.sparsifier import (
+from jaxsparse.core import (
     LeafPlan,
     SparsifierState,
     Topology,

@@ -14,7 +14,7 @@ never picks a weight dropped in the same update, every weight that stays active 
 and its optimizer moments. (RigL's reference code lets a just-dropped position be regrown, which
 then keeps its value; that only makes fewer than ``d`` positions change.) A grown weight is
 exactly 0, with every params-shaped leaf of the inner optimizer state 0 at its position, after
-the update step; it trains from the next step on (see :func:`jaxsparse.sparsifier`).
+the update step; it trains from the next step on (see :func:`jaxsparse.core`).
 
 The drop fraction ``f(t)`` is constant (SET) or RigL's cosine decay (the formula of
 :func:`~jaxsparse.schedules.cosine_drop_fraction`, evaluated in float64 on the host so counts
@@ -37,7 +37,7 @@ from jaxsparse import scores as score_fns
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, er, erk
 from jaxsparse.pruning import random_masks
 from jaxsparse.selection import top_k_masks_nested
-from jaxsparse.sparsifier import Topology, TopologyInputs, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, sparsifier
 
 __all__ = [
     "drop_count",
@@ -220,7 +220,7 @@ def dynamic_sparse(
         RigL's cosine, without it (None) it stays ``drop_fraction`` forever.
       drop_fraction: fraction of each leaf's active weights replaced at an update (at step 0 of
         the cosine schedule).
-      seed, include, exclude, overrides: see :func:`jaxsparse.sparsifier`.
+      seed, include, exclude, overrides: see :func:`jaxsparse.core`.
     """
     topology = _drop_grow_topology(drop_score, grow_score, drop_fraction, update_every, end_step)
     return sparsifier(

@@ -1,6 +1,6 @@
 """Pruning: masks that only lose entries, on a schedule, by a score; and static random sparsity.
 
-Every preset is :func:`jaxsparse.sparsifier` with a pruning topology:
+Every preset is :func:`jaxsparse.core` with a pruning topology:
 
 - :func:`magnitude_pruning`: ``|w|`` per layer. One-shot by default; gradual with
   :func:`~jaxsparse.schedules.polynomial_schedule` (Zhu & Gupta, 2018).
@@ -26,7 +26,7 @@ from jaxsparse import scores as score_fns
 from jaxsparse.distributions import as_distribution, keep_count
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
 from jaxsparse.selection import select_top_k, top_k_masks_per_leaf
-from jaxsparse.sparsifier import Topology, TopologyInputs, periodic_updates, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, periodic_updates, sparsifier
 
 __all__ = [
     "pruning",
@@ -117,7 +117,7 @@ def pruning(
         (default: one-shot at step 0).
       update_every: steps between topology updates inside the schedule's window.
       scope: ``"layer"`` (each leaf to its own target) or ``"global"`` (one threshold).
-      include, exclude, overrides, seed: see :func:`jaxsparse.sparsifier`.
+      include, exclude, overrides, seed: see :func:`jaxsparse.core`.
     """
     schedule = one_shot_schedule(0) if schedule is None else schedule
     if not isinstance(schedule, SparsitySchedule):

@@ -29,7 +29,7 @@ import optax
 from jaxsparse.distributions import uniform
 from jaxsparse.dst import drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
 from jaxsparse.pruning import random_masks
-from jaxsparse.sparsifier import Topology, TopologyInputs, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, sparsifier
 
 __all__ = ["snfs", "allocate"]
 
@@ -123,7 +123,7 @@ def snfs(
       end_step: no topology change from this step on.
       drop_fraction: prune rate at step 0 (the paper's default 0.5).
       momentum: decay of the gradient moving average used as the momentum (0.9 in the paper).
-      seed, include, exclude, overrides: see :func:`jaxsparse.sparsifier`.
+      seed, include, exclude, overrides: see :func:`jaxsparse.core`.
     """
     if end_step is None:
         raise ValueError("snfs needs end_step, the step at which its cosine prune rate reaches 0")

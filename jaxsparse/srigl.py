@@ -36,7 +36,7 @@ from jax import lax
 from jaxsparse.distributions import erk
 from jaxsparse.dst import _finite, drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
 from jaxsparse.selection import score_keys
-from jaxsparse.sparsifier import LeafPlan, Topology, TopologyInputs, sparsifier
+from jaxsparse.core import LeafPlan, Topology, TopologyInputs, sparsifier
 
 __all__ = ["srigl", "fan_in_counts", "neuron_top_k"]
 
@@ -175,7 +175,7 @@ def srigl(
         stay active (the paper's ``gamma_sal``, 0.3); 0 disables ablation.
       output_axis: the axis of output neurons in every sparsified leaf (-1 for flax/haiku
         ``(in, out)`` kernels, 0 for equinox/PyTorch ``(out, in)`` weights).
-      seed, include, exclude, overrides: see :func:`jaxsparse.sparsifier`.
+      seed, include, exclude, overrides: see :func:`jaxsparse.core`.
     """
     if end_step is None:
         raise ValueError("srigl needs end_step, the step at which its cosine drop fraction reaches 0")

@@ -35,7 +35,7 @@ import optax
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
 from jaxsparse.dst import _finite, dst_update_steps
 from jaxsparse.selection import top_k_masks_nested
-from jaxsparse.sparsifier import Topology, TopologyInputs, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, sparsifier
 
 __all__ = ["TopKastAux", "topkast"]
 
@@ -127,7 +127,7 @@ def topkast(
       penalty: coefficient of the exploration penalty (L2 on the forward set, scaled by
         ``1 / D`` on the rest of the backward set, ``D`` the forward density); 0 disables it.
       update_every: steps between recomputations of both sets (1 = every step, as in the paper).
-      include, exclude, overrides: see :func:`jaxsparse.sparsifier` (overrides apply to the
+      include, exclude, overrides: see :func:`jaxsparse.core` (overrides apply to the
         forward sparsity).
 
     The sets come from magnitudes, with no randomness, so there is no seed.

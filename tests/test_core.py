@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxsparse as js
 from conformance import assert_params_sparse, batch, mlp_loss, mlp_params, train
-from jaxsparse.sparsifier import reset_inner_state
+from jaxsparse.core import reset_inner_state
 
 
 def pruner(inner, **kw):
