@@ -2,9 +2,25 @@
 
 Masks are pytrees alongside params; sparsifiers are optax gradient transformations that keep
 params exactly sparse inside an ordinary jit-compiled training loop. See DESIGN.md.
+
+Submodules loaded on first use (they need flax): ``jaxsparse.nn`` (block-sparse dense layers)
+and ``jaxsparse.attention`` (block-sparse self-attention layer).
 """
 
+import importlib
+
+from jaxsparse import scores
+from jaxsparse.core import (
+    LeafPlan,
+    SparsifierState,
+    Topology,
+    TopologyInputs,
+    get_masks,
+    periodic_updates,
+    sparsifier,
+)
 from jaxsparse.distributions import Distribution, er, erk, uniform
+from jaxsparse.dst import dynamic_sparse, rigl, set_sparse
 from jaxsparse.leaves import leaf_paths, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, count_nonzeros, dense_masks, mask_sparsity, masks_from_params
 from jaxsparse.pruning import (
@@ -24,20 +40,7 @@ from jaxsparse.schedules import (
     one_shot_schedule,
     polynomial_schedule,
 )
-from jaxsparse import scores
-from jaxsparse.selection import top_k_mask, top_k_masks
-from jaxsparse.core import (
-    LeafPlan,
-    SparsifierState,
-    Topology,
-    TopologyInputs,
-    get_masks,
-    periodic_updates,
-    sparsifier,
-)
-
-# --- dynamic sparse training (issue 3) ---
-from jaxsparse.dst import dynamic_sparse, rigl, set_sparse
+from jaxsparse.selection import top_k_mask, top_k_masks, top_k_masks_nested, top_k_masks_per_leaf
 from jaxsparse.snfs import snfs
 from jaxsparse.srigl import srigl
 from jaxsparse.topkast import topkast
@@ -45,15 +48,25 @@ from jaxsparse.topkast import topkast
 __version__ = "0.1.0"
 
 __all__ = [
-    "Distribution", "uniform", "erk", "er",
-    "leaf_paths", "path_to_str", "select_leaves",
+    # the core transformation and masks
+    "sparsifier", "SparsifierState", "Topology", "TopologyInputs", "LeafPlan", "get_masks", "periodic_updates",
     "apply_masks", "count_nonzeros", "dense_masks", "mask_sparsity", "masks_from_params",
+    "leaf_paths", "path_to_str", "select_leaves",
+    # distributions, schedules, scores, selection
+    "Distribution", "uniform", "erk", "er",
+    "SparsitySchedule", "polynomial_schedule", "constant_schedule", "one_shot_schedule", "cosine_drop_fraction",
+    "scores", "top_k_mask", "top_k_masks", "top_k_masks_per_leaf", "top_k_masks_nested",
+    # pruning
     "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning",
     "global_magnitude_pruning", "lamp_pruning", "static_sparse",
-    "SparsityReport", "sparsity_report",
-    "SparsitySchedule", "polynomial_schedule", "constant_schedule", "one_shot_schedule", "cosine_drop_fraction",
-    "scores", "top_k_mask", "top_k_masks",
-    "SparsifierState", "LeafPlan", "Topology", "TopologyInputs", "sparsifier", "get_masks", "periodic_updates",
-    # --- dynamic sparse training (issue 3) ---
+    # dynamic sparse training
     "dynamic_sparse", "set_sparse", "rigl", "snfs", "srigl", "topkast",
+    # reporting
+    "SparsityReport", "sparsity_report",
 ]
+
+
+def __getattr__(name):
+    if name in ("nn", "attention"):  # flax-dependent: imported only when asked for
+        return importlib.import_module(f"jaxsparse.{name}")
+    raise AttributeError(f"module 'jaxsparse' has no attribute {name!r}")
