@@ -36,8 +36,9 @@ class SparsityReport(NamedTuple):
 
     def __str__(self) -> str:
         header = ("path", "shape", "nonzeros", "size", "sparsity")
+        shape = lambda r: "" if r is self.total else "x".join(map(str, r.shape)) or "()"
         lines = [
-            (r.path, "x".join(map(str, r.shape)) or "()", f"{r.nonzeros:,}", f"{r.size:,}", f"{r.sparsity:.2%}")
+            (r.path, shape(r), f"{r.nonzeros:,}", f"{r.size:,}", f"{r.sparsity:.2%}")
             for r in (*self.rows, self.total)
         ]
         widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
