@@ -101,11 +101,22 @@ def _topkast_topology(backward: Distribution, penalty: float, update_every: int)
     )
 
 
+class _DoubledDensity(Distribution):
+    """Per leaf, twice the density of a forward distribution (capped at dense)."""
+
+    def __init__(self, forward: Distribution):
+        super().__init__(max(0.0, 2 * forward.sparsity - 1), f"doubled_density({forward!r})")
+        self.forward = forward
+
+    def solve(self, shapes):
+        return {name: max(0.0, 2 * s - 1) for name, s in self.forward.solve(shapes).items()}
+
+
 def topkast(
     inner: optax.GradientTransformation,
     *,
     sparsity,
-    backward_sparsity,
+    backward_sparsity=None,
     penalty: float = 0.0,
     update_every: int = 100,
     include=None,
@@ -123,7 +134,8 @@ def topkast(
       sparsity: forward sparsity, a float (the same in every leaf, as in the paper) or a
         distribution.
       backward_sparsity: backward-set sparsity, a float (uniform) or a distribution, at most
-        ``sparsity`` (each leaf's backward set holds at least its forward set).
+        ``sparsity`` (each leaf's backward set holds at least its forward set). None: twice the
+        forward density in every leaf, ``max(0, 2 s - 1)`` (the paper's 90%/80% setting).
       penalty: coefficient of the exploration penalty (L2 on the forward set, scaled by
         ``1 / D`` on the rest of the backward set, ``D`` the forward density); 0 disables it.
       update_every: steps between recomputations of both sets (1 = every step, as in the paper).
@@ -133,6 +145,8 @@ def topkast(
     The sets come from magnitudes, with no randomness, so there is no seed.
     """
     forward = as_distribution(sparsity)
+    if backward_sparsity is None:
+        backward_sparsity = _DoubledDensity(forward)
     if not isinstance(backward_sparsity, Distribution):
         backward_sparsity = check_sparsity(backward_sparsity, "backward_sparsity")
     backward = as_distribution(backward_sparsity)

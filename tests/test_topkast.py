@@ -23,6 +23,18 @@ def top_k(x, k):
     return mask.reshape(x.shape)
 
 
+@pytest.mark.parametrize("sparsity", [0.75, js.erk(0.75)])
+def test_default_backward_set_has_twice_the_forward_density(sparsity):
+    records = run(js.topkast(optax.adam(1e-2), sparsity=sparsity, update_every=1), steps=2)
+    for i, name in enumerate(KERNELS):
+        forward = records[-1].masks[name]
+        backward = np.asarray(records[-1].state.aux.backward[i])
+        target = 1 - forward.sum() / forward.size  # the leaf's forward sparsity, up to rounding
+        expected = forward.size - math.floor(max(0.0, 2 * target - 1) * forward.size)
+        assert abs(int(backward.sum()) - expected) <= (0 if sparsity == 0.75 else 1)
+        assert np.all(backward[forward])
+
+
 @pytest.mark.compat
 def test_forward_and_backward_sets_follow_the_shadow_weights():
     tx = js.topkast(optax.adam(1e-2), sparsity=0.75, backward_sparsity=0.5, update_every=1)
