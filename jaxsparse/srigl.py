@@ -79,7 +79,14 @@ def neuron_top_k(scores, ks):
     above = keys > threshold
     ties = keys == threshold
     quota = ks - jnp.sum(above, axis=0, dtype=jnp.int32)
-    return (above | (ties & (jnp.cumsum(ties, axis=0, dtype=jnp.int32) <= quota))) & (ks > 0)
+    # The row-order cumsum costs as much as the search on CPU; it is needed only when some
+    # column has more entries tied at its threshold than places left for them.
+    chosen = lax.cond(
+        jnp.all(jnp.sum(ties, axis=0, dtype=jnp.int32) <= quota),
+        lambda: above | ties,
+        lambda: above | (ties & (jnp.cumsum(ties, axis=0, dtype=jnp.int32) <= quota)),
+    )
+    return chosen & (ks > 0)
 
 
 def _fan_in(leaf: LeafPlan, output_axis: int):
