@@ -31,6 +31,8 @@ SCRIPT = textwrap.dedent(
         "magnitude": js.magnitude_pruning(optax.adam(1e-2), sparsity=0.75, schedule=js.polynomial_schedule(0, 4), update_every=2),
         "global": js.global_magnitude_pruning(optax.adam(1e-2), sparsity=0.75),
         "static": js.static_sparse(optax.adam(1e-2), sparsity=0.75),
+        "set": js.set_sparse(optax.adam(1e-2), sparsity=js.uniform(0.75), update_every=2),
+        "rigl": js.rigl(optax.adam(1e-2), sparsity=js.uniform(0.75), update_every=2, end_step=100),
     }.items():
         state = jax.jit(tx.init)(params)
 
