@@ -13,15 +13,17 @@ Why a loop and not gathers: on CPU a gather of the needed ``x`` blocks followed 
 matmul and a segment sum moves several full copies of the operands through memory and reaches
 only ~3x over dense at 10% density, and padded static-shape batching wastes the padding (a random
 mask's fullest column often has 3x the mean count). Instead one ``fori_loop`` with a *dynamic*
-trip count visits exactly the real blocks, in column order, one panel of 256 rows of ``x`` at a
-time: each step slices a ``(256, bk)`` tile of ``x``, multiplies it by the stored block and adds
-the product into its output tile in place. The three tiles (64-128 KiB each) stay in L2 cache,
-which measured faster than whole-height steps; work is proportional to the number of nonzero
-blocks, and the loop carries no copy of the output (XLA updates it in place). Concatenating a
-column's blocks into one larger matmul measured slower (its gathers cost more than it saves).
-The loop's small matmuls run at about one core's speed: at 10% density on 2 cores it is
-~3-3.7x faster than a dense product that uses both cores, ~5.4x against dense on one core
-(``benchmarks/RESULTS.md``).
+trip count visits exactly the real blocks, in column order: each step slices the ``(M, bk)``
+panel of ``x`` a block needs, multiplies it by the block and adds the product into its output
+tile in place, so work is proportional to the number of nonzero blocks and the loop carries no
+copy of the output. Measured on CPU and not kept: loops over 256- to 1024-row panels (no faster,
+and a traced row offset makes the slices slower), output tiles stored contiguously, writing a
+column's first block without a read, concatenating a column's blocks into one larger matmul, and
+one batched matmul over all blocks plus a segment sum (2x slower).
+
+The loop's matmuls run at about one core's speed: at 10% density the block matmuls alone cost
+~1/6.6 of a dense product on 2 cores, the tile updates bring the whole to ~1/3.5-1/4.5, and
+against dense on one core it is ~5.4x (``benchmarks/RESULTS.md``).
 
 Reference for the block-sparse decomposition: S. Gray, A. Radford, D. P. Kingma, "GPU Kernels for
 Block-Sparse Weights" (OpenAI, 2017); T. Gale, M. Zaharia, C. Young, E. Elsen, "Sparse GPU Kernels
@@ -31,35 +33,18 @@ for Deep Learning" (SC 2020) for the SDDMM/SpMM pair that makes training sparse.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = ["dsd_matmul", "sddmm"]
 
-_PANEL_ROWS = 256  # rows of lhs per matmul step: operands of 64-128 KiB stay in L2 (fastest measured on CPU)
+_ZERO = np.int32(0)  # static offsets typed like the int32 block indices (also under jax_enable_x64)
 
 
 def _real_entries(counts, list_len):
     """Flat positions of the real entries of padded lists, first, in (list, position) order."""
     valid = (jnp.arange(list_len)[None, :] < counts[:, None]).reshape(-1)
     return jnp.argsort(~valid, stable=True).astype(jnp.int32), counts.sum(dtype=jnp.int32)
-
-
-def _over_panels(m, total, step, init):
-    """``carry = step(t, row, rows, carry)`` for each of ``total`` entries in each panel of rows.
-
-    Panels of ``_PANEL_ROWS`` rows keep one step's operands in L2 cache; a last, shorter panel
-    takes the remaining rows. ``rows`` is a static int, ``t`` and ``row`` are traced.
-    """
-
-    def sweep(carry, first_row, rows, num_panels):
-        body = lambda i, carry: step(i % total, first_row + (i // total) * rows, rows, carry)
-        return lax.fori_loop(0, total * num_panels, body, carry)
-
-    if m == 0:
-        return init
-    rows = min(m, _PANEL_ROWS)
-    carry = sweep(init, 0, rows, m // rows)
-    return sweep(carry, m - m % rows, m % rows, 1) if m % rows else carry
 
 
 def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, out_dtype=None):
@@ -86,15 +71,17 @@ def dsd_matmul(lhs, blocks, idx, slots, counts, *, transpose_blocks=False, out_d
     order, total = _real_entries(counts, list_len)
     idx, slots = idx.reshape(-1), slots.reshape(-1)
 
-    def step(t, row, rows, out):
+    m = lhs.shape[0]
+
+    def step(t, out):
         e = order[t]
         col = e // list_len
-        part = lax.dynamic_slice(lhs, (row, idx[e] * bl), (rows, bl))
+        part = lax.dynamic_slice(lhs, (_ZERO, idx[e] * bl), (m, bl))
         prod = lax.dot_general(part, blocks[slots[e]], contract, preferred_element_type=acc_dtype)
-        acc = lax.dynamic_slice(out, (row, col * bo), (rows, bo))
-        return lax.dynamic_update_slice(out, acc + prod, (row, col * bo))
+        acc = lax.dynamic_slice(out, (_ZERO, col * bo), (m, bo))
+        return lax.dynamic_update_slice(out, acc + prod, (_ZERO, col * bo))
 
-    out = _over_panels(lhs.shape[0], total, step, jnp.zeros((lhs.shape[0], num_cols * bo), acc_dtype))
+    out = lax.fori_loop(0, total, step, jnp.zeros((m, num_cols * bo), acc_dtype))
     return out.astype(out_dtype or lhs.dtype)
 
 
@@ -115,12 +102,14 @@ def sddmm(x, dy, col_rows, col_counts, block_shape, *, out_dtype=None):
     order, total = _real_entries(col_counts, max_k)
     rows = col_rows.reshape(-1)
 
-    def step(t, row, panel_rows, out):
-        s = order[t]
-        xk = lax.dynamic_slice(x, (row, rows[s] * bk), (panel_rows, bk))
-        dyn = lax.dynamic_slice(dy, (row, (s // max_k) * bn), (panel_rows, bn))
-        grad = lax.dot_general(xk, dyn, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
-        return out.at[s].add(grad)
+    m = x.shape[0]
 
-    out = _over_panels(x.shape[0], total, step, jnp.zeros((num_cols * max_k, bk, bn), acc_dtype))
+    def step(t, out):
+        s = order[t]
+        xk = lax.dynamic_slice(x, (_ZERO, rows[s] * bk), (m, bk))
+        dyn = lax.dynamic_slice(dy, (_ZERO, (s // max_k) * bn), (m, bn))
+        grad = lax.dot_general(xk, dyn, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
+        return lax.dynamic_update_slice(out, grad[None], (s, _ZERO, _ZERO))  # each stored block once
+
+    out = lax.fori_loop(0, total, step, jnp.zeros((num_cols * max_k, bk, bn), acc_dtype))
     return out.reshape(num_cols, max_k, bk, bn).astype(out_dtype or x.dtype)
