@@ -21,9 +21,9 @@ and a traced row offset makes the slices slower), output tiles stored contiguous
 column's first block without a read, concatenating a column's blocks into one larger matmul, and
 one batched matmul over all blocks plus a segment sum (2x slower).
 
-The loop's matmuls run at about one core's speed: at 10% density the block matmuls alone cost
-~1/6.6 of a dense product on 2 cores, the tile updates bring the whole to ~1/3.5-1/4.5, and
-against dense on one core it is ~5.4x (``benchmarks/RESULTS.md``).
+At 10% density on 2 CPU cores the block matmuls alone cost ~1/6.6 of a dense product, and with
+the panel slices and tile updates the loop is ~4.2x faster than dense (~5.3x against dense on
+one core); see ``benchmarks/RESULTS.md``.
 
 Reference for the block-sparse decomposition: S. Gray, A. Radford, D. P. Kingma, "GPU Kernels for
 Block-Sparse Weights" (OpenAI, 2017); T. Gale, M. Zaharia, C. Young, E. Elsen, "Sparse GPU Kernels
