@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse.selection import top_k_mask
 from pallas_kernels import BlockSparseMatrix
 
 __all__ = ["to_block_sparse", "kernel_to_block_sparse", "all_blocks", "random_block_mask"]
@@ -72,9 +73,7 @@ def random_block_mask(density: float):
     def init(key, grid_shape):
         size = int(np.prod(grid_shape))
         keep = max(1, round(density * size))
-        scores = jax.random.uniform(key, (size,))
-        # Rank threshold, not a sort-and-scatter: exactly `keep` blocks, static shapes under jit.
-        kth = jnp.sort(scores)[size - keep]
-        return (scores >= kth).reshape(grid_shape)
+        # The library's exact static-shape selection: exactly `keep` blocks, even on tied scores.
+        return top_k_mask(jax.random.uniform(key, (size,)), keep).reshape(grid_shape)
 
     return init
