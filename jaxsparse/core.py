@@ -126,11 +126,20 @@ class Topology(NamedTuple):
     finish: Callable[[TopologyInputs, list], tuple] | None = None
 
 
+def check_positive_int(value, what: str, *, none_ok: bool = False):
+    """``value`` if it is a positive int (not a bool), or None where ``none_ok``; else a
+    ValueError naming ``what``."""
+    if none_ok and value is None:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive int{' or None' if none_ok else ''}; got {value!r}")
+    return value
+
+
 def periodic_updates(update_every: int, begin_step: int = 0, end_step: int | None = None):
     """``step -> bool``: True at ``begin_step + j * update_every`` within ``[begin_step, end_step]``,
     and at ``end_step`` itself so a schedule always reaches its final value."""
-    if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
-        raise ValueError(f"update_every must be a positive int; got {update_every!r}")
+    check_positive_int(update_every, "update_every")
     if end_step is not None and end_step < begin_step:
         raise ValueError(f"end_step ({end_step}) precedes begin_step ({begin_step})")
 

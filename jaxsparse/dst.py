@@ -37,7 +37,7 @@ from jaxsparse import scores as score_fns
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, er, erk
 from jaxsparse.pruning import random_masks
 from jaxsparse.selection import top_k_masks_nested
-from jaxsparse.core import Topology, TopologyInputs, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, check_positive_int, sparsifier
 
 __all__ = [
     "drop_count",
@@ -61,10 +61,8 @@ def paper_distribution(sparsity, default: Callable[[float], Distribution]) -> Di
 
 
 def _check_steps(update_every, end_step):
-    if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
-        raise ValueError(f"update_every must be a positive int; got {update_every!r}")
-    if end_step is not None and (not isinstance(end_step, int) or isinstance(end_step, bool) or end_step < 1):
-        raise ValueError(f"end_step must be a positive int or None; got {end_step!r}")
+    check_positive_int(update_every, "update_every")
+    check_positive_int(end_step, "end_step", none_ok=True)
 
 
 def update_fractions(drop_fraction: float, update_every: int, end_step: int | None) -> np.ndarray:
