@@ -96,6 +96,30 @@ def run_cpu(reps):
     t_dense, t_sparse = forward_backward(x, w, "xla", False, reps, 1, 1e-5)
     print(f"forward+backward (input and weight gradients), block 128, density 0.1: dense {t_dense * 1e3:.1f} ms, "
           f"block-sparse {t_sparse * 1e3:.1f} ms ({t_dense / t_sparse:.2f}x)")
+    print_block_matmul_bound(x, w, reps)
+
+
+def print_block_matmul_bound(x, w, reps):
+    """The speedup that XLA's own block matmuls allow, measured in this run.
+
+    Any path built from one XLA matmul per block costs at least ``nnz`` products
+    ``(M, bk) @ (bk, bn)``. Timed here as a loop of exactly those products on one ``x`` panel,
+    summed into a single tile (no slicing, no scattered writes), against dense ``x @ w``.
+    """
+    bk, bn = w.block_shape
+    nnz = int(w.nnz_blocks())
+    blocks = w.data.reshape(-1, bk, bn)[:nnz]
+
+    @jax.jit
+    def block_matmuls_only(panel, blocks):
+        step = lambda t, acc: acc + jnp.dot(panel, blocks[t], preferred_element_type=jnp.float32)
+        return jax.lax.fori_loop(0, blocks.shape[0], step, jnp.zeros((panel.shape[0], bn), jnp.float32))
+
+    dense_matmul, dense, panel = jax.jit(jnp.dot), w.to_dense(), x[:, :bk]
+    t = time_side_by_side({"dense": lambda: dense_matmul(x, dense), "blocks": lambda: block_matmuls_only(panel, blocks)},
+                          reps)
+    print(f"bound from XLA's block matmuls: {nnz} products {panel.shape} x {(bk, bn)} alone take "
+          f"{t['blocks'] * 1e3:.1f} ms, {t['dense'] / t['blocks']:.2f}x faster than dense")
 
 
 GPU_CONFIGS = [  # (block_m, num_warps, num_stages) tried per (size, block); None: the kernel's default
