@@ -161,6 +161,16 @@ class BlockSparsePattern:
         lists = _block_lists(block_mask, max_k, max_n)
         return cls(*lists, shape=(kb * bk, nb * bn), block_shape=(bk, bn))
 
+    def with_block_shape(self, block_shape):
+        """The same block lists on a grid of ``block_shape`` blocks (shape scaled to match).
+
+        Used to zero-pad every block up to a kernel's tile: the lists index blocks, not
+        elements, so they stay valid.
+        """
+        kb, nb = self.grid
+        return BlockSparsePattern(*(getattr(self, f) for f in self.INDEX_FIELDS),
+                                  shape=(kb * block_shape[0], nb * block_shape[1]), block_shape=block_shape)
+
     @property
     def grid(self):
         """``(Kb, Nb)``: the number of blocks along each dimension."""

@@ -47,18 +47,26 @@ def _path(config) -> _Path:
     )
 
 
+_KERNEL_BLOCK_SHAPE = {"tpu": bsr_matmul_tpu.kernel_block_shape, "gpu": bsr_matmul_gpu.kernel_block_shape}
+
+
 def default_bsr_backend(w: BlockSparseMatrix) -> str:
     """The path ``bsr_matmul(x, w)`` takes by default: the kernel of the default device when its
-    tiling takes ``w``'s block shape, else ``"xla"``."""
+    tiling takes ``w``'s block shape as it is (no padding), else ``"xla"``."""
     platform = jax.default_backend()
-    checks = {"tpu": bsr_matmul_tpu.check_tpu_blocks, "gpu": bsr_matmul_gpu.check_gpu_blocks}
-    if platform in checks:
-        try:
-            checks[platform](w.shape, w.block_shape)
-            return platform
-        except ValueError:
-            pass
+    if platform in _KERNEL_BLOCK_SHAPE and _KERNEL_BLOCK_SHAPE[platform](w.shape, w.block_shape) == w.block_shape:
+        return platform
     return "xla"
+
+
+def _pad_blocks(x, data, pattern, block_shape):
+    """Zero-pad ``x``'s K-blocks and every stored block to ``block_shape``: the same product on a
+    grid of larger blocks, whose extra output columns are zero."""
+    (bk, bn), (tk, tn) = pattern.block_shape, block_shape
+    kb = pattern.grid[0]
+    x = jnp.pad(x.reshape(-1, kb, bk), ((0, 0), (0, 0), (0, tk - bk))).reshape(-1, kb * tk)
+    data = jnp.pad(data, [(0, 0)] * (data.ndim - 2) + [(0, tk - bk), (0, tn - bn)])
+    return x, data, pattern.with_block_shape(block_shape)
 
 
 def _forward(config, x, data, pattern):
@@ -93,9 +101,11 @@ def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret
       x: floating array ``(..., K)``.
       w: a ``BlockSparseMatrix`` of shape ``(K, N)``.
       backend: ``"xla"`` (pure XLA, runs everywhere; the CPU default and the reference),
-        ``"tpu"`` (Pallas TPU kernel, scalar-prefetched block lists; needs both block dimensions
-        multiples of 128), ``"gpu"`` (Pallas Triton kernel; needs power-of-two block dimensions
-        >= 16), or ``None`` for ``default_bsr_backend(w)``.
+        ``"tpu"`` (Pallas TPU kernel, scalar-prefetched block lists; runs block dimensions that
+        are multiples of 128), ``"gpu"`` (Pallas Triton kernel; runs power-of-two block
+        dimensions >= 16), or ``None`` for ``default_bsr_backend(w)``. A kernel given other
+        blocks zero-pads them to its ``kernel_block_shape``: the result is the same, the padding
+        costs its share of the work.
       interpret: run a Pallas kernel in interpret mode (on CPU, for tests). For ``"tpu"`` it may
         also be a ``pltpu.InterpretParams``. Ignored by ``"xla"``.
 
@@ -117,12 +127,14 @@ def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret
         backend = default_bsr_backend(w)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
-    if backend == "tpu":
-        bsr_matmul_tpu.check_tpu_blocks(w.shape, w.block_shape)
-    elif backend == "gpu":
-        bsr_matmul_gpu.check_gpu_blocks(w.shape, w.block_shape)
     dtype = jnp.result_type(x.dtype, w.dtype)
     if x.size == 0:  # no rows: nothing for a kernel grid to cover
         return jnp.zeros((*x.shape[:-1], n), dtype)
-    y = _matmul((backend, interpret), x.reshape(-1, k).astype(dtype), w.data.astype(dtype), w.pattern)
+    operands = x.reshape(-1, k).astype(dtype), w.data.astype(dtype), w.pattern
+    block_shape = _KERNEL_BLOCK_SHAPE[backend](w.shape, w.block_shape) if backend in _KERNEL_BLOCK_SHAPE else w.block_shape
+    if block_shape != w.block_shape:
+        operands = _pad_blocks(*operands, block_shape)
+    y = _matmul((backend, interpret), *operands)
+    if block_shape != w.block_shape:
+        y = y.reshape(-1, w.pattern.grid[1], block_shape[1])[:, :, : w.block_shape[1]]
     return y.reshape(*x.shape[:-1], n)

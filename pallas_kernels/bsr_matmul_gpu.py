@@ -13,8 +13,9 @@ list's real entries (dynamic trip count): nothing is spent on padding.
   share the same ``dy`` block column); it accumulates ``x_tile^T @ dy_tile`` over the row tiles
   and writes zeros for padding slots.
 
-Triton needs power-of-two tile dimensions of at least 16, so other block shapes are refused with
-a ValueError; use the XLA path for them. Block-sparse design after S. Gray, A. Radford,
+Triton needs power-of-two tile dimensions of at least 16, so ``bsr_matmul`` zero-pads other block
+shapes up to ``kernel_block_shape`` (correct, but the padding is computed too: the default backend
+picks the XLA path for such blocks). Block-sparse design after S. Gray, A. Radford,
 D. P. Kingma, "GPU Kernels for Block-Sparse Weights" (2017), and T. Gale et al., "Sparse GPU
 Kernels for Deep Learning" (SC 2020) for the SpMM/SDDMM pair.
 """
@@ -29,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["dsd_matmul", "sddmm", "check_gpu_blocks"]
+__all__ = ["dsd_matmul", "sddmm", "kernel_block_shape"]
 
 _MIN_TILE = 16  # smallest matmul tile dimension Triton accepts
 _SMEM_BUDGET = 192 * 1024  # bytes of shared memory for pipelined operand tiles (H100/H200 have 227 KiB)
@@ -39,13 +40,12 @@ def _is_tile(size) -> bool:
     return size >= _MIN_TILE and size & (size - 1) == 0
 
 
-def check_gpu_blocks(shape, block_shape):
-    """Raise a ValueError when Triton cannot take ``(bk, bn)`` blocks (powers of two, >= 16)."""
-    if not all(_is_tile(int(b)) for b in block_shape):
-        raise ValueError(
-            f"the GPU kernel needs block dimensions that are powers of two >= {_MIN_TILE}; got "
-            f"block_shape {tuple(block_shape)} for a matrix of shape {tuple(shape)}"
-        )
+def kernel_block_shape(shape, block_shape):
+    """The block shape the Triton kernels run ``(bk, bn)`` blocks at: each dimension rounded up to
+    a power of two >= 16 (``bsr_matmul`` zero-pads). ``shape`` is unused; it keeps the signature
+    of the TPU version."""
+    del shape
+    return tuple(max(_MIN_TILE, pl.next_power_of_2(int(b))) for b in block_shape)
 
 
 def _tile_m(m, block_m, dtype):

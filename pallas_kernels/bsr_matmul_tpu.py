@@ -13,8 +13,9 @@ overlaps those copies with the MXU matmuls.
   over the M tiles. Padding slots map every step to the block already held and write zeros.
 
 TPU tiling: the last two dimensions of every VMEM block must be multiples of (8, 128) (16 rows for
-bf16) or span the whole array, so blocks whose lane dimension is under 128 are refused with a
-ValueError; use the XLA path for them.
+bf16) or span the whole array. Both block dimensions are a lane dimension somewhere, so
+``bsr_matmul`` zero-pads other block shapes up to ``kernel_block_shape`` (correct, but the padding
+is computed too: the default backend picks the XLA path for such blocks).
 
 Block-sparse kernel design after S. Gray, A. Radford, D. P. Kingma, "GPU Kernels for Block-Sparse
 Weights" (2017); scalar prefetch as in JAX's Pallas TPU block-sparse examples (Pallas docs,
@@ -31,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["dsd_matmul", "sddmm", "check_tpu_blocks"]
+__all__ = ["dsd_matmul", "sddmm", "kernel_block_shape"]
 
 _LANES = 128
 
@@ -41,19 +42,15 @@ def _sublanes(dtype) -> int:
     return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
 
 
-def check_tpu_blocks(shape, block_shape):
-    """Raise a ValueError when TPU tiling cannot take ``(bk, bn)`` blocks of a ``(K, N)`` matrix.
+def kernel_block_shape(shape, block_shape):
+    """The block shape the TPU kernels run ``(bk, bn)`` blocks of a ``(K, N)`` matrix at.
 
     Both block dimensions are the lane (last) dimension of some VMEM tile (``x`` and ``dW`` tiles
     use ``bk``, ``y`` and ``dy`` tiles ``bn``), so each must be a multiple of 128 or the whole
-    dimension.
+    dimension; others are rounded up to the next multiple of 128 (``bsr_matmul`` zero-pads).
     """
-    for name, size, full in (("bk", block_shape[0], shape[0]), ("bn", block_shape[1], shape[1])):
-        if size % _LANES and size != full:
-            raise ValueError(
-                f"the TPU kernel needs {name} to be a multiple of {_LANES} or the whole dimension; "
-                f"got block_shape {tuple(block_shape)} for a matrix of shape {tuple(shape)}"
-            )
+    return tuple(b if b % _LANES == 0 or b == full else pl.cdiv(b, _LANES) * _LANES
+                 for b, full in zip(map(int, block_shape), shape))
 
 
 def _tile_m(m, dtype, block_m):

@@ -9,7 +9,8 @@ from jax.test_util import check_grads
 from pallas_kernels import BlockSparseMatrix, bsr_matmul, default_bsr_backend
 from pallas_kernels import bsr_matmul_gpu, bsr_matmul_tpu
 
-# Each path with shapes its tiling takes: TPU needs lane dims of 128, Triton powers of two.
+# Each path with shapes its tiling takes as they are (TPU: lane dims of 128, Triton: powers of two
+# >= 16); test_kernels_pad_other_block_shapes covers the zero-padded rest.
 PATHS = {
     "xla": dict(backend="xla"),
     "tpu": dict(backend="tpu", interpret=True),
@@ -17,8 +18,8 @@ PATHS = {
 }
 SHAPES = {  # (K, N, block_shape, batch shape of x)
     "xla": [(30, 42, (5, 7), (2, 3)), (24, 32, (24, 8), (9,))],
-    "tpu": [(256, 384, (128, 128), (2, 5)), (512, 256, (256, 128), (7,))],
-    "gpu": [(64, 96, (32, 16), (2, 5)), (64, 64, (16, 32), (3,))],
+    "tpu": [(256, 384, (128, 128), (2, 5)), (512, 256, (256, 128), (7,)), (30, 42, (5, 7), (2, 3))],
+    "gpu": [(64, 96, (32, 16), (2, 5)), (64, 64, (16, 32), (3,)), (30, 42, (5, 7), (2, 3)), (72, 40, (24, 40), (5,))],
 }
 DENSITIES = [0.0, 0.1, 0.5, 1.0]
 
@@ -162,6 +163,27 @@ def test_tpu_kernel_under_the_tpu_interpreter():
     np.testing.assert_allclose(y, x @ w.to_dense(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", ["tpu", "gpu"])
+def test_kernels_pad_other_block_shapes(path):
+    """Blocks a kernel's tiling cannot take are zero-padded: same products and gradients."""
+    rng = np.random.default_rng(12)
+    w = random_bsm(rng, 30, 42, (5, 7), 0.5)
+    module = bsr_matmul_tpu if path == "tpu" else bsr_matmul_gpu
+    assert module.kernel_block_shape(w.shape, w.block_shape) != w.block_shape
+    x = jnp.asarray(rng.standard_normal((2, 3, 30)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((2, 3, 42)), jnp.float32)
+    loss = lambda x, data: jnp.sum((bsr_matmul(x, w.with_data(data), **PATHS[path]) - t) ** 2)
+    dx, ddata = jax.jit(jax.grad(loss, (0, 1)))(x, w.data)
+    ref_dx, ref_dw = jax.grad(lambda x, d: jnp.sum((x @ d - t) ** 2), (0, 1))(x, w.to_dense())
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(ddata, w.pattern.take_blocks(ref_dw), rtol=1e-4, atol=1e-3)
+    assert ddata.shape == w.data.shape and (np.asarray(ddata)[~np.asarray(w.pattern.valid_slots())] == 0).all()
+    with jax.enable_x64(True):
+        w64 = random_bsm(rng, 30, 42, (5, 7), 0.5, np.float64)
+        f = lambda x, data: bsr_matmul(x, w64.with_data(data), **PATHS[path])
+        check_grads(f, (jnp.asarray(rng.standard_normal((3, 30))), w64.data), order=1, modes=["rev"])
+
+
 def test_vmap_over_weights_with_different_patterns():
     rng = np.random.default_rng(7)
     ws = [random_bsm(rng, 30, 42, (5, 7), d) for d in (0.2, 0.6)]
@@ -205,11 +227,12 @@ def test_bad_input():
         bsr_matmul(jnp.ones((4, 30), jnp.int32), w)
     with pytest.raises(ValueError, match="backend"):
         bsr_matmul(jnp.ones((4, 30)), w, backend="cuda")
-    with pytest.raises(ValueError, match=r"multiple of 128.*\(5, 7\)"):
-        bsr_matmul(jnp.ones((4, 30)), w, backend="tpu", interpret=True)
-    with pytest.raises(ValueError, match=r"powers of two.*\(5, 7\)"):
-        bsr_matmul(jnp.ones((4, 30)), w, backend="gpu", interpret=True)
     with pytest.raises(TypeError, match="BlockSparseMatrix"):
         bsr_matmul(jnp.ones((4, 30)), w.to_dense())
-    bsr_matmul_tpu.check_tpu_blocks((256, 64), (128, 64))  # a whole dimension is allowed
-    bsr_matmul_gpu.check_gpu_blocks((64, 64), (16, 64))
+
+
+def test_kernel_block_shapes():
+    assert bsr_matmul_tpu.kernel_block_shape((256, 64), (128, 64)) == (128, 64)  # a whole dimension is allowed
+    assert bsr_matmul_tpu.kernel_block_shape((300, 640), (100, 320)) == (128, 384)
+    assert bsr_matmul_gpu.kernel_block_shape((64, 64), (16, 64)) == (16, 64)
+    assert bsr_matmul_gpu.kernel_block_shape((30, 42), (5, 21)) == (16, 32)
