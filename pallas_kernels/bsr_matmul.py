@@ -1,7 +1,9 @@
 """``bsr_matmul(x, w)``: ``x @ w`` for a block-sparse ``w``, on one of three paths, differentiable.
 
 The three paths (``bsr_matmul_xla``, ``bsr_matmul_tpu``, ``bsr_matmul_gpu``) implement the same two
-products, and this module wires them into a ``jax.custom_vjp``:
+kernels, and this module wires them into three ``jax.custom_vjp`` products whose gradients are
+made of each other, so reverse-mode derivatives of any order stay block-sparse (forward mode is not
+available: ``custom_vjp``):
 
 * forward ``y = x @ W``: dense x sparse over the per-block-column lists;
 * input gradient ``dx = dy @ W.T``: the same product over the transposed pattern (per-block-row
@@ -69,29 +71,59 @@ def _pad_blocks(x, data, pattern, block_shape):
     return x, data, pattern.with_block_shape(block_shape)
 
 
-def _forward(config, x, data, pattern):
+# The three products of sparse training. Each one's gradient is made of the others (all three
+# are linear in each argument), so every order of reverse-mode derivative stays on the pattern:
+#   y = x @ W         (_times_w):        x_bar = y_bar @ W.T,  W_bar = x.T @ y_bar at the blocks
+#   z = d @ W.T       (_times_w_t):      d_bar = z_bar @ W,    W_bar = z_bar.T @ d at the blocks
+#   B = x.T @ d at the blocks (_sampled): x_bar = d @ B_bar.T,  d_bar = x @ B_bar
+# Cotangents of padding slots are ignored: those outputs are constant zeros.
+
+
+def _times_w_impl(config, x, data, pattern):
     bk, bn = pattern.block_shape
     return _path(config).dsd_matmul(x, data.reshape(-1, bk, bn), *pattern.column_lists())
 
 
-def _forward_with_residuals(config, x, data, pattern):
-    return _forward(config, x, data, pattern), (x, data, pattern)
-
-
-def _backward(config, residuals, dy):
-    path = _path(config)
-    x, data, pattern = residuals
+def _times_w_t_impl(config, d, data, pattern):
     bk, bn = pattern.block_shape
-    dx = path.dsd_matmul(dy, data.reshape(-1, bk, bn), *pattern.row_lists(), transpose_blocks=True,
-                         out_dtype=x.dtype)
-    ddata = path.sddmm(x, dy, pattern.col_rows, pattern.col_counts, (bk, bn), out_dtype=data.dtype)
-    return dx, ddata, None  # the pattern is integer: no cotangent
+    return _path(config).dsd_matmul(d, data.reshape(-1, bk, bn), *pattern.row_lists(), transpose_blocks=True)
 
 
-_differentiable = jax.custom_vjp(_forward, nondiff_argnums=(0,))
-_differentiable.defvjp(_forward_with_residuals, _backward)
+def _sampled_impl(config, x, d, pattern):
+    return _path(config).sddmm(x, d, pattern.col_rows, pattern.col_counts, pattern.block_shape)
+
+
+_times_w = jax.custom_vjp(_times_w_impl, nondiff_argnums=(0,))
+_times_w_t = jax.custom_vjp(_times_w_t_impl, nondiff_argnums=(0,))
+_sampled = jax.custom_vjp(_sampled_impl, nondiff_argnums=(0,))
+
+
+def _keep_operands(product):
+    # The forward rule calls the custom_vjp product itself, so differentiating the rule (for a
+    # higher-order derivative) goes through the custom rules and never into a kernel loop.
+    return lambda config, a, b, pattern: (product(config, a, b, pattern), (a, b, pattern))
+
+
+def _times_w_bwd(config, residuals, y_bar):
+    x, data, pattern = residuals
+    return _times_w_t(config, y_bar, data, pattern), _sampled(config, x, y_bar, pattern), None
+
+
+def _times_w_t_bwd(config, residuals, z_bar):
+    d, data, pattern = residuals
+    return _times_w(config, z_bar, data, pattern), _sampled(config, z_bar, d, pattern), None
+
+
+def _sampled_bwd(config, residuals, b_bar):
+    x, d, pattern = residuals
+    return _times_w_t(config, d, b_bar, pattern), _times_w(config, x, b_bar, pattern), None
+
+
+_times_w.defvjp(_keep_operands(_times_w), _times_w_bwd)
+_times_w_t.defvjp(_keep_operands(_times_w_t), _times_w_t_bwd)
+_sampled.defvjp(_keep_operands(_sampled), _sampled_bwd)
 # One dispatch per call when used eagerly; ``config`` is the hashable (backend, interpret).
-_matmul = jax.jit(_differentiable, static_argnums=0)
+_matmul = jax.jit(_times_w, static_argnums=0)
 
 
 def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret=False):
