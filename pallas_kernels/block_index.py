@@ -38,7 +38,7 @@ def compress_block_mask(block_mask, max_blocks: int | None = None):
     Args:
       block_mask: boolean array ``[..., rows, cols]``.
       max_blocks: static length of each row's list. ``None`` takes the longest row of a
-        concrete mask. Rows with more True entries than ``max_blocks`` keep their first
+        concrete mask, and every column of a traced one (under ``jit``). Rows with more True entries than ``max_blocks`` keep their first
         ``max_blocks`` (a ValueError is raised when that is detectable, i.e. the mask is concrete).
 
     Returns:
@@ -52,7 +52,7 @@ def compress_block_mask(block_mask, max_blocks: int | None = None):
     block_mask = block_mask.astype(bool)
     longest = None if isinstance(block_mask, jax.core.Tracer) else max_blocks_per_row(block_mask)
     if max_blocks is None:
-        max_blocks = max_blocks_per_row(block_mask)
+        max_blocks = block_mask.shape[-1] if longest is None else longest
     max_blocks = int(max_blocks)
     if max_blocks < 1:
         raise ValueError(f"max_blocks must be >= 1; got {max_blocks}")

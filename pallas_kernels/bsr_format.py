@@ -131,8 +131,10 @@ class BlockSparsePattern:
           block_mask: boolean ``[Kb, Nb]``; the matrix is ``(Kb * bk, Nb * bn)``.
           block_shape: ``(bk, bn)``.
           max_blocks_per_col: static list length ``max_k`` of each block column (``None``: the
-            fullest column of a concrete mask). Under ``jit`` both maxima must be given; blocks
-            beyond them are then dropped (from both lists, so all products stay consistent).
+            fullest column of a concrete mask; under ``jit``, where the mask is traced, every
+            block row, so that nothing can be dropped, at the memory of a dense matrix: pass a
+            bound to save it). Blocks beyond a given bound are dropped from both lists, so all
+            products stay consistent.
           max_blocks_per_row: static list length ``max_n`` of each block row, likewise.
         """
         traced = isinstance(block_mask, jax.core.Tracer)
@@ -143,13 +145,11 @@ class BlockSparsePattern:
         kb, nb = block_mask.shape
         bk, bn = _int_pair(block_shape)
         bk, bn = _check_block_shape((kb * bk, nb * bn), (bk, bn))
-        if traced and (max_blocks_per_col is None or max_blocks_per_row is None):
-            raise ValueError(
-                "max_blocks_per_col and max_blocks_per_row must be given when the block mask is "
-                f"traced (under jit); got a traced mask of shape {block_mask.shape}"
-            )
-        max_k = _longest_row(block_mask.T) if max_blocks_per_col is None else int(max_blocks_per_col)
-        max_n = _longest_row(block_mask) if max_blocks_per_row is None else int(max_blocks_per_row)
+        if max_blocks_per_col is None:  # a traced mask's counts are unknown: room for every block
+            max_blocks_per_col = kb if traced else _longest_row(block_mask.T)
+        if max_blocks_per_row is None:
+            max_blocks_per_row = nb if traced else _longest_row(block_mask)
+        max_k, max_n = int(max_blocks_per_col), int(max_blocks_per_row)
         if max_k < 1 or max_n < 1:
             raise ValueError(f"max_blocks_per_col and max_blocks_per_row must be >= 1; got {max_k}, {max_n}")
         if not traced and (block_mask.sum(0).max(initial=0) > max_k or block_mask.sum(1).max(initial=0) > max_n):
@@ -262,7 +262,7 @@ class BlockSparseMatrix:
             ``[Kb, Nb]`` array is a block mask; a boolean ``(K, N)`` array is an element mask: the
             matrix stored is ``where(mask, w, 0)`` and a block is kept if any of its entries is.
           max_blocks_per_col, max_blocks_per_row: static list lengths (see
-            ``BlockSparsePattern.from_block_mask``); required under ``jit``.
+            ``BlockSparsePattern.from_block_mask``); under ``jit`` they default to the whole grid.
         """
         w = jnp.asarray(w)
         bk, bn = _check_block_shape(w.shape, block_shape)

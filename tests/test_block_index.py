@@ -39,10 +39,15 @@ def test_batched_and_jit_with_static_max():
             np.testing.assert_array_equal(cnt[b, h], ref_cnt)
 
 
+def test_traced_mask_without_max_gets_every_column():
+    mask = jnp.asarray([[True, False, True], [False, False, False]])
+    idx, cnt = jax.jit(compress_block_mask)(mask)
+    np.testing.assert_array_equal(idx, [[0, 2, 2], [0, 0, 0]])
+    np.testing.assert_array_equal(cnt, [2, 0])
+
+
 def test_errors():
     with pytest.raises(ValueError, match="more than max_blocks"):
         compress_block_mask(np.ones((2, 4), bool), 2)
-    with pytest.raises(ValueError, match="traced"):
-        jax.jit(lambda m: compress_block_mask(m)[0])(jnp.ones((2, 2), bool))
     with pytest.raises(ValueError, match="at least 2 dims"):
         compress_block_mask(np.ones(3, bool))
