@@ -14,10 +14,11 @@ list's real entries (dynamic trip count): nothing is spent on padding.
   and writes zeros for padding slots.
 
 Triton needs power-of-two tile dimensions of at least 16, so ``bsr_matmul`` zero-pads other block
-shapes up to ``kernel_block_shape`` (correct, but the padding is computed too: the default backend
-picks the XLA path for such blocks). Block-sparse design after S. Gray, A. Radford,
-D. P. Kingma, "GPU Kernels for Block-Sparse Weights" (2017), and T. Gale et al., "Sparse GPU
-Kernels for Deep Learning" (SC 2020) for the SpMM/SDDMM pair.
+shapes up to ``kernel_block_shape`` (correct, but the padding is computed too).
+
+Block-sparse design after S. Gray, A. Radford, D. P. Kingma, "GPU Kernels for Block-Sparse
+Weights" (2017), and T. Gale et al., "Sparse GPU Kernels for Deep Learning" (SC 2020) for the
+SpMM/SDDMM pair.
 """
 
 from __future__ import annotations

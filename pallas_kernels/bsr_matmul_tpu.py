@@ -15,7 +15,7 @@ overlaps those copies with the MXU matmuls.
 TPU tiling: the last two dimensions of every VMEM block must be multiples of (8, 128) (16 rows for
 bf16) or span the whole array. Both block dimensions are a lane dimension somewhere, so
 ``bsr_matmul`` zero-pads other block shapes up to ``kernel_block_shape`` (correct, but the padding
-is computed too: the default backend picks the XLA path for such blocks).
+is computed too).
 
 Block-sparse kernel design after S. Gray, A. Radford, D. P. Kingma, "GPU Kernels for Block-Sparse
 Weights" (2017); scalar prefetch as in JAX's Pallas TPU block-sparse examples (Pallas docs,
