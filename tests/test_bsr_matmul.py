@@ -10,7 +10,8 @@ from pallas_kernels import BlockSparseMatrix, bsr_matmul, default_bsr_backend
 from pallas_kernels import bsr_matmul_gpu, bsr_matmul_tpu
 
 # Each path with shapes its tiling takes as they are (TPU: lane dims of 128, Triton: powers of two
-# >= 16); test_kernels_pad_other_block_shapes covers the zero-padded rest.
+# >= 16) and blocks they zero-pad to their tiles (PADDED; (24, 40) on the GPU too).
+PADDED = (30, 42, (5, 7), (2, 3))
 PATHS = {
     "xla": dict(backend="xla"),
     "tpu": dict(backend="tpu", interpret=True),
@@ -18,8 +19,8 @@ PATHS = {
 }
 SHAPES = {  # (K, N, block_shape, batch shape of x)
     "xla": [(30, 42, (5, 7), (2, 3)), (24, 32, (24, 8), (9,))],
-    "tpu": [(256, 384, (128, 128), (2, 5)), (512, 256, (256, 128), (7,)), (30, 42, (5, 7), (2, 3))],
-    "gpu": [(64, 96, (32, 16), (2, 5)), (64, 64, (16, 32), (3,)), (30, 42, (5, 7), (2, 3)), (72, 40, (24, 40), (5,))],
+    "tpu": [(256, 384, (128, 128), (2, 5)), (512, 256, (256, 128), (7,)), PADDED],
+    "gpu": [(64, 96, (32, 16), (2, 5)), (64, 64, (16, 32), (3,)), PADDED, (72, 40, (24, 40), (5,))],
 }
 DENSITIES = [0.0, 0.1, 0.5, 1.0]
 
@@ -97,10 +98,17 @@ def test_bfloat16_in_bfloat16_out(path):
     np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2e-2, atol=2e-2 * float(jnp.abs(ref).max()))
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_gradients_equal_dense_gradients_on_the_pattern(path):
+def gradient_cases(index):
+    """SHAPES[path][index] on every path, plus PADDED on the two kernels."""
+    cases = [(path, shapes[index]) for path, shapes in SHAPES.items()]
+    cases += [(path, PADDED) for path in ("tpu", "gpu")]
+    return [pytest.param(path, shape, id=f"{path}-{shape[2]}") for path, shape in cases]
+
+
+@pytest.mark.parametrize("path,shape", gradient_cases(1))
+def test_gradients_equal_dense_gradients_on_the_pattern(path, shape):
     rng = np.random.default_rng(3)
-    k, n, block_shape, batch = SHAPES[path][1]
+    k, n, block_shape, batch = shape
     w = random_bsm(rng, k, n, block_shape, 0.5)
     x = jnp.asarray(rng.standard_normal((*batch, k)), jnp.float32)
     t = jnp.asarray(rng.standard_normal((*batch, n)), jnp.float32)
@@ -116,10 +124,10 @@ def test_gradients_equal_dense_gradients_on_the_pattern(path):
     assert (np.asarray(ddata)[padding] == 0).all()
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_check_grads(path):
+@pytest.mark.parametrize("path,shape", gradient_cases(0))
+def test_check_grads(path, shape):
     rng = np.random.default_rng(4)
-    k, n, block_shape, _ = SHAPES[path][0]
+    k, n, block_shape, _ = shape
     with jax.enable_x64(True):
         w = random_bsm(rng, k, n, block_shape, 0.5, np.float64)
         x = jnp.asarray(rng.standard_normal((3, k)))
@@ -161,27 +169,6 @@ def test_tpu_kernel_under_the_tpu_interpreter():
     x = jnp.asarray(rng.standard_normal((9, 256)), jnp.float32)
     y = bsr_matmul(x, w, backend="tpu", interpret=pltpu.InterpretParams())
     np.testing.assert_allclose(y, x @ w.to_dense(), rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("path", ["tpu", "gpu"])
-def test_kernels_pad_other_block_shapes(path):
-    """Blocks a kernel's tiling cannot take are zero-padded: same products and gradients."""
-    rng = np.random.default_rng(12)
-    w = random_bsm(rng, 30, 42, (5, 7), 0.5)
-    module = bsr_matmul_tpu if path == "tpu" else bsr_matmul_gpu
-    assert module.kernel_block_shape(w.shape, w.block_shape) != w.block_shape
-    x = jnp.asarray(rng.standard_normal((2, 3, 30)), jnp.float32)
-    t = jnp.asarray(rng.standard_normal((2, 3, 42)), jnp.float32)
-    loss = lambda x, data: jnp.sum((bsr_matmul(x, w.with_data(data), **PATHS[path]) - t) ** 2)
-    dx, ddata = jax.jit(jax.grad(loss, (0, 1)))(x, w.data)
-    ref_dx, ref_dw = jax.grad(lambda x, d: jnp.sum((x @ d - t) ** 2), (0, 1))(x, w.to_dense())
-    np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(ddata, w.pattern.take_blocks(ref_dw), rtol=1e-4, atol=1e-3)
-    assert ddata.shape == w.data.shape and (np.asarray(ddata)[~np.asarray(w.pattern.valid_slots())] == 0).all()
-    with jax.enable_x64(True):
-        w64 = random_bsm(rng, 30, 42, (5, 7), 0.5, np.float64)
-        f = lambda x, data: bsr_matmul(x, w64.with_data(data), **PATHS[path])
-        check_grads(f, (jnp.asarray(rng.standard_normal((3, 30))), w64.data), order=1, modes=["rev"])
 
 
 def test_vmap_over_weights_with_different_patterns():
@@ -236,3 +223,5 @@ def test_kernel_block_shapes():
     assert bsr_matmul_tpu.kernel_block_shape((300, 640), (100, 320)) == (128, 384)
     assert bsr_matmul_gpu.kernel_block_shape((64, 64), (16, 64)) == (16, 64)
     assert bsr_matmul_gpu.kernel_block_shape((30, 42), (5, 21)) == (16, 32)
+    for module in (bsr_matmul_tpu, bsr_matmul_gpu):  # PADDED really is padded on both kernels
+        assert module.kernel_block_shape(PADDED[:2], PADDED[2]) != PADDED[2]
