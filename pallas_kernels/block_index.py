@@ -38,8 +38,9 @@ def compress_block_mask(block_mask, max_blocks: int | None = None):
     Args:
       block_mask: boolean array ``[..., rows, cols]``.
       max_blocks: static length of each row's list. ``None`` takes the longest row of a
-        concrete mask, and every column of a traced one (under ``jit``). Rows with more True entries than ``max_blocks`` keep their first
-        ``max_blocks`` (a ValueError is raised when that is detectable, i.e. the mask is concrete).
+        concrete mask, and every column of a traced one (under ``jit``). Rows with more True
+        entries than ``max_blocks`` keep their first ``max_blocks`` (a ValueError is raised when
+        that is detectable, i.e. the mask is concrete).
 
     Returns:
       ``(indices, counts)``: ``indices`` int32 ``[..., rows, max_blocks]`` with each row's
