@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import flax.linen as nn  # noqa: E402
 
-from jaxsparse.attention import BlockSparseSelfAttention, local_global_mask  # noqa: E402
+from jaxsparse.nn.attention import BlockSparseSelfAttention, local_global_mask  # noqa: E402
 from pallas_kernels import attention_masks  # noqa: E402
 
 ALPHABET = string.ascii_lowercase + " .<>"

@@ -3,8 +3,11 @@
 Masks are pytrees alongside params; sparsifiers are optax gradient transformations that keep
 params exactly sparse inside an ordinary jit-compiled training loop. See DESIGN.md.
 
-Submodules loaded on first use (they need flax): ``jaxsparse.nn`` (block-sparse dense layers)
-and ``jaxsparse.attention`` (block-sparse self-attention layer).
+Where things are: the core transformation in ``core``; shared machinery in ``masks``, ``leaves``,
+``selection``, ``scores``, ``distributions``, ``schedules`` and ``dst`` (dynamic sparse training);
+one module per method family: ``pruning`` (magnitude, random, saliency, global, LAMP, static),
+``rigl`` (SET and RigL), ``snfs``, ``srigl``, ``topkast``. Flax layers (block-sparse dense and
+attention) are in ``jaxsparse.nn``, loaded on first use because they need flax.
 """
 
 import importlib
@@ -20,7 +23,6 @@ from jaxsparse.core import (
     sparsifier,
 )
 from jaxsparse.distributions import Distribution, er, erk, uniform
-from jaxsparse.dst import dynamic_sparse, rigl, set_sparse
 from jaxsparse.leaves import leaf_paths, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, count_nonzeros, dense_masks, mask_sparsity, masks_from_params
 from jaxsparse.pruning import (
@@ -32,6 +34,7 @@ from jaxsparse.pruning import (
     saliency_pruning,
     static_sparse,
 )
+from jaxsparse.rigl import dynamic_sparse, rigl, set_sparse
 from jaxsparse.report import SparsityReport, sparsity_report
 from jaxsparse.schedules import (
     SparsitySchedule,
@@ -67,6 +70,6 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name in ("nn", "attention"):  # flax-dependent: imported only when asked for
+    if name in ("nn", "attention"):  # flax-dependent: imported only when asked for (attention: old path)
         return importlib.import_module(f"jaxsparse.{name}")
     raise AttributeError(f"module 'jaxsparse' has no attribute {name!r}")

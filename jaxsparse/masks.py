@@ -11,7 +11,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxsparse import scores as score_fns
 from jaxsparse.leaves import path_to_str, select_leaves
+from jaxsparse.selection import top_k_masks_per_leaf
 
 __all__ = [
     "is_none",
@@ -22,6 +24,7 @@ __all__ = [
     "count_nonzeros",
     "mask_sparsity",
     "check_structure",
+    "random_masks",
 ]
 
 
@@ -102,3 +105,16 @@ def check_structure(masks, tree, what: str = "params") -> None:
                 f"{what} leaf {name!r} has shape {tuple(x.shape)}, but the sparsifier was "
                 f"initialised with shape {tuple(m.shape)}"
             )
+
+
+def random_masks(leaves, key) -> list:
+    """Masks keeping exactly each leaf's budget at uniformly random positions.
+
+    ``leaves`` are records with ``shape`` and ``keep`` (the core's ``LeafPlan``); each leaf draws
+    its positions from its own key split from ``key``. The initial topology of static sparse
+    training and of every dynamic sparse training method (Mocanu et al., 2018; Evci et al., 2020).
+    """
+    leaves = list(leaves)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    scores = [score_fns.random(jax.ShapeDtypeStruct(leaf.shape, jnp.float32), None, k) for leaf, k in zip(leaves, keys)]
+    return top_k_masks_per_leaf(scores, [leaf.keep for leaf in leaves])

@@ -25,7 +25,8 @@ import optax
 from jaxsparse import scores as score_fns
 from jaxsparse.distributions import as_distribution, keep_count
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
-from jaxsparse.selection import select_top_k, top_k_masks_per_leaf
+from jaxsparse.masks import random_masks
+from jaxsparse.selection import select_top_k
 from jaxsparse.core import Topology, TopologyInputs, periodic_updates, sparsifier
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "global_magnitude_pruning",
     "lamp_pruning",
     "static_sparse",
-    "random_masks",
 ]
 
 
@@ -187,11 +187,6 @@ def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, inc
     )
 
 
-def random_masks(inputs: TopologyInputs) -> list:
-    """Masks keeping exactly each leaf's budget at uniformly random positions."""
-    return top_k_masks_per_leaf(_scores(score_fns.random, inputs), [leaf.keep for leaf in inputs.plan])
-
-
 def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overrides=None):
     """Static sparse training: a random mask drawn at init (exactly ``N - floor(s N)`` entries
     per leaf, spread by the distribution: ``erk(0.9)``, ``er(0.9)`` or a float), fixed afterwards.
@@ -200,7 +195,7 @@ def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overri
     the first update; call ``jaxsparse.apply_masks(params, jaxsparse.get_masks(state))`` after
     ``init`` to start from the sparse model.
     """
-    topology = Topology(init=lambda inputs: (random_masks(inputs), ()), update=None, is_update_step=None)
+    topology = Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=None, is_update_step=None)
     return sparsifier(
         inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
     )

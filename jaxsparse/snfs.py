@@ -28,7 +28,7 @@ import optax
 
 from jaxsparse.distributions import uniform
 from jaxsparse.dst import drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
-from jaxsparse.pruning import random_masks
+from jaxsparse.masks import random_masks
 from jaxsparse.core import Topology, TopologyInputs, sparsifier
 
 __all__ = ["snfs", "allocate"]
@@ -67,7 +67,7 @@ def _snfs_topology(drop_fraction, end_step, update_every, momentum) -> Topology:
     fractions = update_fractions(drop_fraction, update_every, end_step).astype(np.float32)
 
     def init(inputs: TopologyInputs):
-        return random_masks(inputs), [jnp.zeros(leaf.shape, jnp.float32) for leaf in inputs.plan]
+        return random_masks(inputs.plan, inputs.key), [jnp.zeros(leaf.shape, jnp.float32) for leaf in inputs.plan]
 
     def observe(inputs: TopologyInputs):
         ema = [momentum * m + (1.0 - momentum) * g.astype(jnp.float32) for m, g in zip(inputs.aux, inputs.grads)]

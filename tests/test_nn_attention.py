@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("flax")
 
-from jaxsparse.attention import BlockSparseSelfAttention, local_global_mask  # noqa: E402
+from jaxsparse.nn.attention import BlockSparseSelfAttention, local_global_mask  # noqa: E402
 from pallas_kernels import attention_masks as am  # noqa: E402
 
 

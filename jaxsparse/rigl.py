@@ -1,0 +1,178 @@
+"""SET and RigL: dynamic sparse training by drop and grow, and the same rule with any pair of scores.
+
+Every ``update_every`` steps (from step ``update_every`` until ``end_step``), each sparsified leaf
+with ``n`` active weights
+
+1. drops the ``d = floor(f(t) * n)`` active weights with the lowest drop score (``|w|``), and
+2. grows ``d`` positions with the highest grow score (random for SET, the dense gradient's
+   magnitude ``|g|`` for RigL), chosen among the positions that were inactive *before* this
+   update.
+
+So every leaf keeps exactly its budget ``N - floor(s N)`` of nonzeros (DESIGN.md invariant 5), and
+an update changes exactly ``2 d`` positions of a leaf: ``d`` dropped, ``d`` grown. Because growth
+never picks a weight dropped in the same update, every weight that stays active keeps its value
+and its optimizer moments. (RigL's reference code lets a just-dropped position be regrown, which
+then keeps its value; that only makes fewer than ``d`` positions change.) A grown weight is
+exactly 0, with every params-shaped leaf of the inner optimizer state 0 at its position, after
+the update step; it trains from the next step on (see :func:`jaxsparse.core`).
+
+The drop fraction ``f(t)`` is constant (SET) or RigL's cosine decay (the formula of
+:func:`~jaxsparse.schedules.cosine_drop_fraction`, evaluated in float64 on the host so counts
+are exact), 0 from ``end_step`` on. Selections are exact
+static-shape top-k (:mod:`jaxsparse.selection`), ties to the lowest flat index, so a run is
+reproducible bit for bit from its seed.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+
+from jaxsparse import scores as score_fns
+from jaxsparse.core import Topology, TopologyInputs, sparsifier
+from jaxsparse.distributions import as_distribution, er, erk
+from jaxsparse.dst import at_update, drop_and_grow, dst_update_steps, paper_distribution, update_fractions
+from jaxsparse.masks import random_masks
+
+__all__ = ["dynamic_sparse", "set_sparse", "rigl"]
+
+
+def _leaf_scores(score, inputs: TopologyInputs, key):
+    keys = jax.random.split(key, max(len(inputs.plan), 1))
+    return [score(p, g, k) for p, g, k in zip(inputs.params, inputs.grads, keys)]
+
+
+def _drop_grow_topology(drop_score, grow_score, drop_fraction, update_every, end_step) -> Topology:
+    is_update_step = dst_update_steps(update_every, end_step)
+    fractions = update_fractions(drop_fraction, update_every, end_step)
+
+    def update(inputs: TopologyInputs):
+        drop_key, grow_key = jax.random.split(inputs.key)
+        plan = inputs.plan
+        changing = [i for i, leaf in enumerate(plan) if leaf.keep < leaf.size]  # ERK may make leaves dense
+        n_drop = []
+        for i in changing:
+            # Counts are constant, so each leaf's drop counts are exact integers from the host.
+            counts = np.minimum(np.floor(fractions * plan[i].keep), plan[i].size - plan[i].keep).astype(np.int32)
+            n_drop.append(at_update(counts, inputs.step, update_every))
+        pick = lambda xs: [xs[i] for i in changing]
+        new, _, _ = drop_and_grow(
+            pick(inputs.masks),
+            pick(_leaf_scores(drop_score, inputs, drop_key)),
+            pick(_leaf_scores(grow_score, inputs, grow_key)),
+            n_drop,
+            n_drop,
+        )
+        masks = list(inputs.masks)
+        for i, m in zip(changing, new):
+            masks[i] = m
+        return masks, inputs.aux
+
+    return Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=update, is_update_step=is_update_step)
+
+
+def dynamic_sparse(
+    inner: optax.GradientTransformation,
+    *,
+    sparsity,
+    grow_score,
+    drop_score=score_fns.magnitude,
+    update_every: int = 100,
+    end_step: int | None = None,
+    drop_fraction: float = 0.3,
+    seed=0,
+    include=None,
+    exclude=None,
+    overrides=None,
+) -> optax.GradientTransformationExtraArgs:
+    """Drop-and-grow dynamic sparse training with any scores (the family of SET and RigL).
+
+    Starts from a random mask with exactly ``N - floor(s N)`` nonzeros per leaf and, every
+    ``update_every`` steps, drops the active weights with the lowest ``drop_score`` and grows as
+    many inactive positions with the highest ``grow_score`` (see the module docstring).
+
+    Args:
+      inner: the optax transformation to wrap.
+      sparsity: a float (uniform over the leaves) or a distribution (``jaxsparse.erk(0.9)``).
+      grow_score, drop_score: ``score(param, grad, key) -> array`` of non-negative scores
+        (:mod:`jaxsparse.scores`: magnitude, random, gradient_magnitude, saliency); higher is
+        grown / kept, negative values count as 0. ``grad`` is the step's dense gradient.
+      update_every: steps between topology updates (the first at step ``update_every``).
+      end_step: last step (exclusive) of topology updates; with it the drop fraction decays as
+        RigL's cosine, without it (None) it stays ``drop_fraction`` forever.
+      drop_fraction: fraction of each leaf's active weights replaced at an update (at step 0 of
+        the cosine schedule).
+      seed, include, exclude, overrides: see :func:`jaxsparse.core`.
+    """
+    topology = _drop_grow_topology(drop_score, grow_score, drop_fraction, update_every, end_step)
+    return sparsifier(
+        inner, sparsity=as_distribution(sparsity), topology=topology,
+        include=include, exclude=exclude, overrides=overrides, seed=seed,
+    )
+
+
+def set_sparse(
+    inner: optax.GradientTransformation,
+    *,
+    sparsity,
+    update_every: int = 100,
+    end_step: int | None = None,
+    drop_fraction: float = 0.3,
+    seed=0,
+    include=None,
+    exclude=None,
+    overrides=None,
+) -> optax.GradientTransformationExtraArgs:
+    """SET, Sparse Evolutionary Training (Mocanu et al., 2018, "Scalable training of artificial
+    neural networks with adaptive sparse connectivity inspired by network science", Nature
+    Communications).
+
+    Every ``update_every`` steps, each leaf drops the fraction ``drop_fraction`` (SET's zeta) of
+    its active weights with the smallest magnitude and regrows as many at uniformly random
+    inactive positions. A float ``sparsity`` is spread with the Erdős–Rényi distribution
+    (:func:`jaxsparse.er`) as in the paper; pass ``jaxsparse.uniform(s)`` or ``jaxsparse.erk(s)``
+    otherwise. With ``end_step`` the drop fraction decays as RigL's cosine and updates stop there
+    (the SET baseline of Evci et al., 2020); without it SET runs forever at constant zeta. See
+    :func:`dynamic_sparse` for the arguments.
+    """
+    return dynamic_sparse(
+        inner, sparsity=paper_distribution(sparsity, er), grow_score=score_fns.random,
+        update_every=update_every, end_step=end_step, drop_fraction=drop_fraction,
+        seed=seed, include=include, exclude=exclude, overrides=overrides,
+    )
+
+
+def rigl(
+    inner: optax.GradientTransformation,
+    *,
+    sparsity,
+    update_every: int = 100,
+    end_step: int,
+    drop_fraction: float = 0.3,
+    seed=0,
+    include=None,
+    exclude=None,
+    overrides=None,
+) -> optax.GradientTransformationExtraArgs:
+    """RigL, Rigged Lottery (Evci et al., 2020, "Rigging the Lottery: Making All Tickets
+    Winners", ICML).
+
+    Every ``update_every`` steps until ``end_step``, each leaf drops ``floor(f(t) * nnz)`` of its
+    active weights by magnitude, with ``f(t) = drop_fraction / 2 * (1 + cos(pi t / end_step))``,
+    and grows as many inactive positions with the largest magnitude of the dense gradient on the
+    current batch. Grown weights are exactly 0 and their moments in the inner optimizer state
+    are 0 (every params-shaped leaf of any optax state is reset); there is no topology change
+    after ``end_step``.
+
+    A float ``sparsity`` is spread with ERK (:func:`jaxsparse.erk`), the distribution of the
+    paper's main results; pass ``jaxsparse.uniform(s)`` for the same sparsity in every leaf.
+    See :func:`dynamic_sparse` for the arguments.
+    """
+    if end_step is None:
+        raise ValueError("rigl needs end_step, the step at which its cosine drop fraction reaches 0")
+    return dynamic_sparse(
+        inner, sparsity=paper_distribution(sparsity, erk), grow_score=score_fns.gradient_magnitude,
+        update_every=update_every, end_step=end_step, drop_fraction=drop_fraction,
+        seed=seed, include=include, exclude=exclude, overrides=overrides,
+    )
