@@ -19,6 +19,7 @@ from jaxsparse.core import (
     Topology,
     TopologyInputs,
     get_masks,
+    init,
     periodic_updates,
     sparsifier,
 )
@@ -52,7 +53,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # the core transformation and masks
-    "sparsifier", "SparsifierState", "Topology", "TopologyInputs", "LeafPlan", "get_masks", "periodic_updates",
+    "sparsifier", "SparsifierState", "Topology", "TopologyInputs", "LeafPlan", "get_masks", "init", "periodic_updates",
     "apply_masks", "count_nonzeros", "dense_masks", "mask_sparsity", "masks_from_params",
     "leaf_paths", "path_to_str", "select_leaves",
     # distributions, schedules, scores, selection

@@ -22,17 +22,21 @@ A *topology* is a small record of pure functions over the list of sparsified lea
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
 from jaxsparse.leaves import match_overrides, path_to_str, select_leaves
-from jaxsparse.masks import check_structure, is_none, map_masked
+from jaxsparse.masks import apply_masks, check_structure, is_none, map_masked
 
 __all__ = [
     "SparsifierState",
@@ -41,6 +45,8 @@ __all__ = [
     "Topology",
     "sparsifier",
     "get_masks",
+    "init",
+    "as_key",
     "periodic_updates",
     "reset_inner_state",
 ]
@@ -115,6 +121,11 @@ class Topology(NamedTuple):
       finish: ``(inputs, inner_updates) -> (updates, aux)`` turning the inner updates into
         param updates (default: the inner update where kept, ``-param`` where pruned). It must
         leave params exactly 0 where ``inputs.masks`` is False.
+      inner_params: ``inputs -> list`` of the weights the inner transformation updates, passed
+        to it as its ``params`` (default: params). Methods that train dense shadow weights kept
+        in ``aux`` (Top-KAST) return them, so anything in the inner transformation that reads
+        params (adamw's weight decay, ``add_decayed_weights``, lookahead) sees the weights it
+        updates.
     """
 
     init: Callable[[TopologyInputs], tuple]
@@ -124,6 +135,7 @@ class Topology(NamedTuple):
     observe: Callable[[TopologyInputs], tuple] | None = None
     trained: Callable[[list, Any], list] | None = None
     finish: Callable[[TopologyInputs, list], tuple] | None = None
+    inner_params: Callable[[TopologyInputs], list] | None = None
 
 
 def check_positive_int(value, what: str, *, none_ok: bool = False):
@@ -228,13 +240,80 @@ def reset_inner_state(inner: optax.GradientTransformation, inner_state, keep):
         )
 
 
-def _as_key(seed):
-    if isinstance(seed, int):
-        return jax.random.PRNGKey(seed)
-    seed = jnp.asarray(seed)
-    if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(seed)
-    return seed
+def as_key(seed) -> jax.Array:
+    """A raw ``uint32[2]`` PRNG key from a seed: a Python or numpy integer, an integer jax array of
+    shape ``()`` (traced too, so a run can be vmapped over seeds), or a PRNG key (typed or raw)."""
+    if isinstance(seed, (bool, np.bool_)):
+        raise ValueError(f"seed must be an int or a PRNG key; got {seed!r}")
+    if isinstance(seed, (int, np.integer)):
+        return jax.random.PRNGKey(int(seed))
+    try:
+        x = jnp.asarray(seed)
+    except TypeError:
+        raise ValueError(f"seed must be an int or a PRNG key; got {seed!r}") from None
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.integer) and x.shape == ():
+        return jax.random.PRNGKey(x)
+    if x.dtype == jnp.uint32 and x.shape == (2,):
+        return x
+    raise ValueError(
+        f"seed must be an int, an integer array of shape () or a PRNG key; got an array of shape {x.shape} and "
+        f"dtype {x.dtype}"
+    )
+
+
+def _check_no_leaks(plan, masks, params, step):
+    """Warn when params hold nonzeros where the masks are False at the start of a step.
+
+    After a standard step params are exactly 0 there (invariant 1), unless something changed the
+    sparsifier's updates afterwards: a transformation after it in ``optax.chain`` (``scale``,
+    ``add_decayed_weights``, a learning-rate schedule) or params edited outside the optimizer. The
+    check runs on steps 1, 2, 4, 8, ... (step 0 may start from dense params), under ``lax.cond``
+    so other steps pay nothing, and reports through a host callback only when it finds a leak.
+    """
+    if not plan:
+        return
+
+    def check(_):
+        leaked = jnp.stack([jnp.any(~m & (p != 0)) for m, p in zip(masks, params)])
+        lax.cond(jnp.any(leaked), lambda: jax.debug.callback(functools.partial(_warn_leaks, plan), step, leaked), lambda: None)
+
+    on_check_step = (step >= 1) & ((step & (step - 1)) == 0)
+    lax.cond(on_check_step, check, lambda _: None, None)
+
+
+def _warn_leaks(plan, step, leaked):
+    step, leaked = np.asarray(step), np.asarray(leaked)
+    # Under vmap (over seeds) the callback runs for every step with batched arguments.
+    if not leaked.any():
+        return
+    names = [leaf.name for leaf, bad in zip(plan, leaked.reshape(-1, len(plan)).any(axis=0)) if bad]
+    warnings.warn(
+        f"jaxsparse: at step {int(step.reshape(-1)[0])} params hold nonzeros where the masks are False in "
+        f"{names}: something changed the sparsifier's updates after it. Put every other transformation inside "
+        "the sparsifier's inner optimizer (js.magnitude_pruning(optax.chain(optax.clip_by_global_norm(1.0), "
+        "optax.adamw(lr)), ...)), never after it in optax.chain; params edited outside the optimizer must keep "
+        "zeros off the masks (js.apply_masks).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _not_a_state_message(state) -> str:
+    kind = type(state).__name__
+    if _looks_restored(state):
+        return (
+            f"the sparsifier state is a {kind} with the fields of SparsifierState: it was restored from a "
+            "checkpoint without a target, which turns NamedTuples into dicts and lists. Restore into the "
+            "abstract state instead, e.g. orbax: manager.restore(step, args=ocp.args.StandardRestore("
+            "jax.eval_shape(tx.init, params)))"
+        )
+    return f"expected the state returned by this sparsifier's init (a SparsifierState); got a {kind}"
+
+
+def _looks_restored(x) -> bool:
+    return isinstance(x, dict) and set(x) == set(SparsifierState._fields)
 
 
 def sparsifier(
@@ -281,7 +360,7 @@ def sparsifier(
 
     def init_fn(params):
         plan = plan_for(params)
-        key = _as_key(seed)
+        key = as_key(seed)
 
         @jax.jit  # initial masks come from top-k selections: compile them rather than run op by op
         def initial_topology(params_list, key):
@@ -308,10 +387,13 @@ def sparsifier(
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("jaxsparse sparsifiers need params: call tx.update(grads, state, params)")
+        if not isinstance(state, SparsifierState):
+            raise ValueError(_not_a_state_message(state))
         check_structure(state.masks, params, "params")
         check_structure(state.masks, updates, "updates")
         plan = plan_for(params)
         masks, inner_state, aux = state.masks, state.inner_state, state.aux
+        _check_no_leaks(plan, _to_list(masks, plan), _to_list(params, plan), state.step)
 
         def inputs_at(masks, aux, grads_list):
             key = jax.random.fold_in(state.key, state.step)
@@ -350,7 +432,10 @@ def sparsifier(
         grads = updates
         if topology.mask_gradients:
             grads = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), trained, updates)
-        new_updates, inner_state = inner.update(grads, inner_state, params, **extra_args)
+        inner_params = params
+        if topology.inner_params is not None:
+            inner_params = _with_leaves(params, plan, topology.inner_params(inputs_at(masks, aux, _to_list(grads, plan))))
+        new_updates, inner_state = inner.update(grads, inner_state, inner_params, **extra_args)
         if topology.finish is not None:
             inputs = inputs_at(masks, aux, _to_list(grads, plan))
             finished, aux = topology.finish(inputs, _to_list(new_updates, plan))
@@ -369,28 +454,96 @@ def _unwrap_variables(tree):
     return jax.tree.map(lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable)
 
 
-def _find_states(tree) -> list[SparsifierState]:
+def _is_state(x) -> bool:
+    return isinstance(x, SparsifierState) or _looks_restored(x)
+
+
+def _find_states(tree) -> list:
+    """Every sparsifier state inside ``tree`` (also dicts restored from a checkpoint without a target)."""
     if hasattr(tree, "opt_state") and not isinstance(tree, tuple):  # nnx.Optimizer and friends
         tree = tree.opt_state
-    found = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, SparsifierState))
-    return [x for x in found if isinstance(x, SparsifierState)]
+    return [x for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_state) if _is_state(x)]
 
 
-def get_masks(state):
-    """The current masks of the jaxsparse sparsifier inside an optimizer state, however nested.
+def _is_masked_node(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _children(x):
+    """One level of a pytree node: ``(children, treedef)``, ``None`` children kept."""
+    return jax.tree_util.tree_flatten(x, is_leaf=lambda c: c is not x)
+
+
+def _merge_masks(a, b):
+    """Merge two mask trees of sparsifiers that own different leaves (``optax.multi_transform``).
+
+    Where one tree has a leaf's mask the other has ``None`` there or an ``optax.MaskedNode``
+    standing for the subtree it does not own (with prefix labels, a whole layer).
+    """
+    if _is_masked_node(a) or a is None:
+        return b
+    if _is_masked_node(b) or b is None:
+        return a
+    a_children, a_def = _children(a)
+    b_children, b_def = _children(b)
+    if jax.tree_util.treedef_is_leaf(a_def) or a_def != b_def:  # two masks for one leaf, or different trees
+        raise ValueError(
+            f"cannot merge the masks of two sparsifiers: both own the same leaves, or their trees differ "
+            f"({a_def} vs {b_def})"
+        )
+    return jax.tree_util.tree_unflatten(a_def, [_merge_masks(x, y) for x, y in zip(a_children, b_children)])
+
+
+def _expand_to(masks, params):
+    """``masks`` in the structure of ``params``: the mask found at a leaf's key path, else None."""
+    by_name = {path_to_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
+    return jax.tree_util.tree_map_with_path(lambda p, _: by_name.get(path_to_str(p)), params)
+
+
+def get_masks(state, params=None):
+    """The current masks of the jaxsparse sparsifiers inside an optimizer state, however nested.
 
     Works on the state of ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
-    ``optax.multi_transform`` and on a flax ``nnx.Optimizer`` (or its ``opt_state``). Returns a
-    params-shaped tree with a bool array per sparsified leaf and ``None`` elsewhere. With several
-    sparsifiers (e.g. one per parameter group), their masks are merged leaf by leaf.
+    ``optax.multi_transform`` and on a flax ``nnx.Optimizer`` (or its ``opt_state``), and on a
+    state restored from a checkpoint without a target (dicts and lists). Returns a params-shaped
+    tree with a bool array per sparsified leaf and ``None`` elsewhere. With several sparsifiers
+    (e.g. one per parameter group of ``optax.multi_transform``), their masks are merged.
+
+    Args:
+      state: the optimizer state.
+      params: optional params tree (arrays or ``jax.ShapeDtypeStruct``). Needed only to get the
+        exact params structure back under ``optax.multi_transform`` with prefix labels (such as
+        ``{"Dense_1": "dense"}``), where optax replaces a whole subtree that no sparsifier sees by
+        one node: without params that subtree comes back as a single ``None``.
 
     Raises:
       ValueError: if the state holds no jaxsparse sparsifier.
     """
     states = _find_states(state)
     if not states:
-        raise ValueError(f"no jaxsparse sparsifier state found in {type(state).__name__}")
-    merged = _unwrap_variables(states[0].masks)
-    for other in states[1:]:
-        merged = jax.tree.map(lambda a, b: a if b is None else b, merged, _unwrap_variables(other.masks), is_leaf=is_none)
-    return merged
+        raise ValueError(
+            f"no jaxsparse sparsifier state found in {type(state).__name__}: pass the state returned by the "
+            "sparsifier's init (or by an optax transformation wrapping it)"
+        )
+    trees = [_unwrap_variables(s.masks if isinstance(s, SparsifierState) else s["masks"]) for s in states]
+    merged = functools.reduce(_merge_masks, trees)
+    merged = jax.tree.map(lambda x: None if _is_masked_node(x) else x, merged, is_leaf=lambda x: _is_masked_node(x) or x is None)
+    return merged if params is None else _expand_to(merged, params)
+
+
+def init(tx: optax.GradientTransformation, params):
+    """Initialise a sparsified optimizer and return ``(masked_params, state)``.
+
+    ``tx.init`` cannot change params, so after it the params are still dense while the masks
+    already hold the initial topology (random for static sparsity and dynamic sparse training,
+    magnitude-chosen for Top-KAST): the first step would train the dense model. This applies the
+    initial masks, so step 0 already trains the sparse model::
+
+        params, opt_state = js.init(tx, params)
+
+    Works for any transformation that contains jaxsparse sparsifiers (``optax.chain``,
+    ``inject_hyperparams``, ``MultiSteps``, ``multi_transform``). For flax nnx, see
+    :func:`jaxsparse.nnx_optimizer`.
+    """
+    state = tx.init(params)
+    return apply_masks(params, get_masks(state, params)), state

@@ -9,7 +9,8 @@ in :mod:`jaxsparse.topkast`.
   tabulated on the host in float64 so drop counts ``floor(f(t) * n)`` are exact integers.
 - :func:`drop_count`: the same count in-graph, for methods whose per-leaf counts move (SNFS).
 - :func:`drop_and_grow`: per leaf, drop the active weights with the lowest drop score and grow
-  positions with the highest grow score, as exact static-shape top-k selections
+  positions with the highest grow score (a just-dropped weight may be regrown, as in the papers,
+  or not), as exact static-shape top-k selections
   (:mod:`jaxsparse.selection`), ties to the lowest flat index, so a run is reproducible bit for
   bit from its seed.
 """
@@ -24,7 +25,7 @@ import numpy as np
 from jax import lax
 
 from jaxsparse.distributions import Distribution, check_sparsity
-from jaxsparse.selection import top_k_masks_nested
+from jaxsparse.selection import top_k_masks_nested, top_k_masks_per_leaf
 from jaxsparse.core import check_positive_int
 
 __all__ = [
@@ -59,22 +60,50 @@ def _check_steps(update_every, end_step):
     check_positive_int(end_step, "end_step", none_ok=True)
 
 
-def update_fractions(drop_fraction: float, update_every: int, end_step: int | None) -> np.ndarray:
+ANNEALS = ("constant", "cosine")
+
+
+def update_fractions(drop_fraction, update_every: int, end_step: int | None, anneal: str | None = None) -> np.ndarray:
     """The drop fraction ``f(t)`` at steps ``0, update_every, 2 update_every, ...`` (float64).
 
-    With ``end_step`` None, one entry: the constant ``drop_fraction`` (SET). Otherwise RigL's
-    cosine decay ``f(t) = drop_fraction / 2 * (1 + cos(pi t / end_step))`` up to the last update
-    step before ``end_step``, and 0 after it. Evaluated on the host in float64, so a count
-    ``floor(f(t) * n)`` is exact when ``f(t) * n`` is an integer (float32 would miss some).
+    Args:
+      drop_fraction: a float in [0, 1], or any ``step -> fraction`` function (an optax schedule),
+        evaluated here on the host at every update step (it then needs ``end_step``).
+      update_every, end_step: the update period and the step (exclusive) where updates stop.
+      anneal: for a float ``drop_fraction``: ``"constant"`` (SET's zeta) or ``"cosine"`` (RigL's
+        ``f(t) = drop_fraction / 2 * (1 + cos(pi t / end_step))``, Evci et al. 2020, which needs
+        ``end_step``). ``None`` keeps the old rule of this helper: cosine when ``end_step`` is
+        given, else constant. The presets always pass it explicitly.
+
+    Returns one entry per update step up to ``end_step`` and a last entry 0 (no change from
+    ``end_step`` on); with ``end_step`` None and a constant fraction, the single entry
+    ``drop_fraction``. In float64, so a count ``floor(f(t) * n)`` is exact when ``f(t) * n`` is an
+    integer (float32 would miss some).
     """
     _check_steps(update_every, end_step)
+    if anneal is None:
+        anneal = "constant" if end_step is None else "cosine"
+    if anneal not in ANNEALS:
+        raise ValueError(f"drop_fraction_anneal must be one of {ANNEALS}; got {anneal!r}")
+    if callable(drop_fraction):
+        if end_step is None:
+            raise ValueError("a drop_fraction schedule needs end_step, the step where topology updates stop")
+        steps = np.arange(0, end_step, update_every)
+        table = np.array([float(drop_fraction(int(t))) for t in steps] + [0.0], np.float64)
+        bad = table[(table < 0) | (table > 1) | np.isnan(table)]
+        if bad.size:
+            raise ValueError(f"the drop_fraction schedule must give fractions in [0, 1]; it gave {float(bad[0])!r}")
+        return table
     if not 0.0 <= float(drop_fraction) <= 1.0:
         raise ValueError(f"drop_fraction must be in [0, 1]; got {drop_fraction!r}")
     d = float(drop_fraction)
     if end_step is None:
+        if anneal == "cosine":
+            raise ValueError("drop_fraction_anneal='cosine' needs end_step, the step where the fraction reaches 0")
         return np.array([d])
     steps = np.arange(0, end_step + update_every, update_every, dtype=np.float64)
-    return np.where(steps < end_step, d / 2.0 * (1.0 + np.cos(np.pi * steps / end_step)), 0.0)
+    decayed = d / 2.0 * (1.0 + np.cos(np.pi * steps / end_step)) if anneal == "cosine" else np.full(steps.shape, d)
+    return np.where(steps < end_step, decayed, 0.0)
 
 
 def at_update(table, step, update_every: int):
@@ -97,13 +126,14 @@ def dst_update_steps(update_every: int, end_step: int | None):
     return is_update_step
 
 
-def drop_count(active, size: int, fraction):
+def drop_count(active, size: int, fraction, *, regrow_dropped: bool = True):
     """Weights to drop from a leaf of ``size`` entries with ``active`` nonzeros at drop fraction
-    ``fraction``: ``floor(fraction * active)`` (float32), at most the ``size - active`` inactive
-    positions so the same number can be grown."""
+    ``fraction``: ``floor(fraction * active)`` (float32). With ``regrow_dropped=False`` growth
+    may only use positions inactive before the update, so the count is at most their number
+    ``size - active``, so that as many can be grown."""
     active = jnp.asarray(active, jnp.int32)
     d = jnp.floor(jnp.asarray(fraction, jnp.float32) * active.astype(jnp.float32)).astype(jnp.int32)
-    return jnp.clip(d, 0, jnp.minimum(active, size - active))
+    return jnp.clip(d, 0, active if regrow_dropped else jnp.minimum(active, size - active))
 
 
 def _finite(scores):
@@ -112,32 +142,56 @@ def _finite(scores):
     return jnp.nan_to_num(scores.astype(jnp.float32), nan=-big, posinf=big, neginf=-big)
 
 
+def _magnitudes(x):
+    """Scores as non-negative finite float32: NaN and negative values count as 0."""
+    return jnp.clip(jnp.nan_to_num(x.astype(jnp.float32), nan=0.0), 0.0, jnp.finfo(jnp.float32).max)
+
+
 def _banded(mask, drop_scores, grow_scores):
     """One float32 score array ordering a leaf's entries for drop and grow at once: active
     entries first (positive), by increasing drop score; then inactive ones (negative), by
     decreasing grow score. Built from the float bit patterns, so the order (and every tie) of
-    the non-negative scores is kept exactly; NaN counts as 0."""
+    the non-negative scores is kept exactly."""
     top = jnp.int32(0x7F7FFFFF)  # bit pattern of the largest finite float32
 
     def reversed_bits(x):  # non-negative finite float -> non-negative float, order reversed
-        x = jnp.clip(jnp.nan_to_num(x.astype(jnp.float32), nan=0.0), 0.0, jnp.finfo(jnp.float32).max)
-        return lax.bitcast_convert_type(top - lax.bitcast_convert_type(x, jnp.int32), jnp.float32)
+        return lax.bitcast_convert_type(top - lax.bitcast_convert_type(_magnitudes(x), jnp.int32), jnp.float32)
 
     return jnp.where(mask, reversed_bits(drop_scores), -reversed_bits(grow_scores))
 
 
-def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow):
+def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow, *, regrow_dropped: bool = True):
     """The drop-and-grow selection of all leaves: per leaf, drop the ``n_drop[i]`` active entries
-    of ``masks[i]`` with the lowest ``drop_scores`` and grow the ``n_grow[i]`` inactive entries
-    with the highest ``grow_scores``. Returns ``(new_masks, kept, grown)`` lists.
+    of ``masks[i]`` with the lowest ``drop_scores`` and grow ``n_grow[i]`` entries with the
+    highest ``grow_scores``. Returns ``(new_masks, kept, grown)`` lists: the new masks, the active
+    entries that survived the drop, and the grown entries (``new = kept | grown``).
 
-    Scores are magnitudes (non-negative; negative values count as 0). Growth is chosen among
-    positions inactive before the update only, so no weight is dropped and regrown. Both sets
-    are exact top-k selections of one score array per leaf (:func:`_banded`): the dropped set
-    is its top ``n_drop`` and the active set plus the grown one its top ``active + n_grow``,
-    found together by :func:`jaxsparse.selection.top_k_masks_nested` (the passes over the
-    array are shared), ties to the lowest flat index (dropped first, grown first).
+    Scores are magnitudes (non-negative; NaN and negative values count as 0).
+
+    - ``regrow_dropped=True`` (RigL's Algorithm 1 and reference code, Evci et al. 2020; the sparse
+      momentum reference code, Dettmers & Zettlemoyer 2019): growth chooses among every position
+      not kept, so a weight dropped in this update can be regrown at once; it then keeps its value
+      and optimizer moments, as in the reference code (only positions inactive before the update
+      start from 0). Two exact top-k selections per leaf, each over all leaves in the same passes:
+      the kept set (top ``active - n_drop`` by drop score among active entries, ties kept lowest
+      flat index first), then the grown set (top ``n_grow`` by grow score among the rest, ties to
+      the lowest flat index).
+    - ``regrow_dropped=False``: growth chooses only among positions inactive before the update, so
+      an update changes exactly ``n_drop + n_grow`` positions. Both sets are top-k selections of
+      one banded score array per leaf (:func:`_banded`), found together by
+      :func:`jaxsparse.selection.top_k_masks_nested` (shared passes): the dropped set is its top
+      ``n_drop`` (ties dropped lowest flat index first) and active plus grown its top ``active +
+      n_grow``.
     """
+    masks = list(masks)
+    if not masks:
+        return [], [], []
+    if regrow_dropped:
+        n_keep = [jnp.sum(m, dtype=jnp.int32) - d for m, d in zip(masks, n_drop)]
+        # Ineligible entries score -1, below every magnitude.
+        kept = top_k_masks_per_leaf([jnp.where(m, _magnitudes(s), -1.0) for m, s in zip(masks, drop_scores)], n_keep)
+        grown = top_k_masks_per_leaf([jnp.where(k, -1.0, _magnitudes(s)) for k, s in zip(kept, grow_scores)], n_grow)
+        return [k | g for k, g in zip(kept, grown)], kept, grown
     new, kept, grown = [], [], []
     for m, ds, gs, d, g in zip(masks, drop_scores, grow_scores, n_drop, n_grow):
         dropped, top = top_k_masks_nested(_banded(m, ds, gs), [d, jnp.sum(m, dtype=jnp.int32) + g])
@@ -145,5 +199,3 @@ def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow):
         kept.append(m & ~dropped)
         grown.append(top & ~m)
     return new, kept, grown
-
-

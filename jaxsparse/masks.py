@@ -67,10 +67,27 @@ def apply_masks(tree, masks):
     return map_masked(lambda m, x: jnp.where(m, x, jnp.zeros((), x.dtype)), masks, tree)
 
 
-def count_nonzeros(masks) -> dict[str, jax.Array]:
-    """``{leaf name: number of True entries}`` for every sparsified leaf of a mask tree."""
+def count_nonzeros(masks, *, batch_dims: int | None = None) -> dict[str, jax.Array]:
+    """``{leaf name: number of True entries}`` for every sparsified leaf of a mask tree.
+
+    Args:
+      masks: a mask tree, or an optimizer state holding jaxsparse sparsifiers (their masks are
+        found with :func:`jaxsparse.get_masks`).
+      batch_dims: leading axes that index separate runs (a state vmapped over seeds), counted
+        separately: each count then has the shape of those axes. Default: 0 for a mask tree; for
+        a state, the axes of its step counter (so a state vmapped over 3 seeds gives 3 counts).
+    """
+    from jaxsparse.core import SparsifierState, get_masks  # the core imports this module
+
+    states = jax.tree_util.tree_leaves(masks, is_leaf=lambda x: isinstance(x, SparsifierState))
+    states = [x for x in states if isinstance(x, SparsifierState)]
+    if states or hasattr(masks, "opt_state"):
+        if batch_dims is None:
+            batch_dims = jnp.ndim(states[0].step) if states else 0
+        masks = get_masks(masks)
+    batch_dims = batch_dims or 0
     flat = jax.tree_util.tree_flatten_with_path(masks)[0]
-    return {path_to_str(p): jnp.sum(m, dtype=jnp.int32) for p, m in flat}
+    return {path_to_str(p): jnp.sum(m, axis=tuple(range(batch_dims, m.ndim)), dtype=jnp.int32) for p, m in flat}
 
 
 def mask_sparsity(masks) -> jax.Array:
@@ -105,6 +122,21 @@ def check_structure(masks, tree, what: str = "params") -> None:
                 f"{what} leaf {name!r} has shape {tuple(x.shape)}, but the sparsifier was "
                 f"initialised with shape {tuple(m.shape)}"
             )
+    # Same names, other containers (a FrozenDict at init, a dict now): the step's lax.cond and
+    # every tree map over the state would fail with a raw pytree error.
+    mask_def = jax.tree.structure(masks, is_leaf=is_none)
+    tree_def = jax.tree.structure(tree, is_leaf=is_none)
+    if mask_def != tree_def:
+        raise ValueError(
+            f"{what} has the leaves the sparsifier was initialised with, but in other containers: "
+            f"{_short(tree_def)} now, {_short(mask_def)} at init (e.g. a dict against a flax FrozenDict). "
+            "Pass the same tree types to init and update (flax.core.freeze / unfreeze)"
+        )
+
+
+def _short(treedef, limit: int = 160) -> str:
+    text = str(treedef)
+    return text if len(text) <= limit else text[:limit] + "...)"
 
 
 def random_masks(leaves, key) -> list:

@@ -139,7 +139,7 @@ def pruning(
     )
 
 
-def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None):
+def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
     """Magnitude pruning, per layer (Han et al., 2015; gradual: Zhu & Gupta, 2018).
 
     One-shot at step 0 by default; pass ``schedule=polynomial_schedule(begin, end)`` for gradual
@@ -147,7 +147,7 @@ def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, inclu
     """
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides,
+        include=include, exclude=exclude, overrides=overrides, seed=seed,
     )
 
 
@@ -160,30 +160,30 @@ def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=
     )
 
 
-def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None):
+def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
     """Pruning by first-order saliency ``|w * g|`` on the step's gradient (Molchanov et al.,
     2017; SNIP, Lee et al., 2019), per layer. See :func:`pruning`."""
     return pruning(
         inner, score=score_fns.saliency, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides,
+        include=include, exclude=exclude, overrides=overrides, seed=seed,
     )
 
 
-def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_every=100, include=None, exclude=None, overrides=None):
+def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
     """Magnitude pruning with one threshold over all sparsified leaves (Han et al., 2015;
     compared in Blalock et al., 2020). See :func:`pruning`."""
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        scope="global", include=include, exclude=exclude, overrides=overrides,
+        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
     )
 
 
-def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, include=None, exclude=None, overrides=None):
+def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
     """LAMP: global selection on layer-adaptive magnitude scores (Lee et al., 2021, ICLR).
     See :func:`jaxsparse.scores.lamp` and :func:`pruning`."""
     return pruning(
         inner, score=score_fns.lamp, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        scope="global", include=include, exclude=exclude, overrides=overrides,
+        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
     )
 
 

@@ -4,23 +4,26 @@ Every ``update_every`` steps (from step ``update_every`` until ``end_step``), ea
 with ``n`` active weights
 
 1. drops the ``d = floor(f(t) * n)`` active weights with the lowest drop score (``|w|``), and
-2. grows ``d`` positions with the highest grow score (random for SET, the dense gradient's
-   magnitude ``|g|`` for RigL), chosen among the positions that were inactive *before* this
-   update.
+2. grows ``d`` positions with the highest grow score (random for SET, Mocanu et al. 2018; the
+   dense gradient's magnitude ``|g|`` on the current batch for RigL, Evci et al. 2020: this is
+   RigL's grow rule, :func:`jaxsparse.scores.gradient_magnitude`).
 
-So every leaf keeps exactly its budget ``N - floor(s N)`` of nonzeros (DESIGN.md invariant 5), and
-an update changes exactly ``2 d`` positions of a leaf: ``d`` dropped, ``d`` grown. Because growth
-never picks a weight dropped in the same update, every weight that stays active keeps its value
-and its optimizer moments. (RigL's reference code lets a just-dropped position be regrown, which
-then keeps its value; that only makes fewer than ``d`` positions change.) A grown weight is
-exactly 0, with every params-shaped leaf of the inner optimizer state 0 at its position, after
-the update step; it trains from the next step on (see :func:`jaxsparse.core`).
+So every leaf keeps exactly its budget ``N - floor(s N)`` of nonzeros (DESIGN.md invariant 5).
+As in RigL's Algorithm 1 and its reference code, growth chooses among all positions not kept,
+so a weight dropped in an update may be regrown in the same update, and then keeps its value
+and its optimizer moments (the default, ``regrow_dropped=True``). With ``regrow_dropped=False``
+growth chooses only among positions inactive before the update, so an update changes exactly
+``2 d`` positions (``d`` is then at most the number of inactive positions). A grown weight that
+was inactive is exactly 0, with every params-shaped leaf of the inner optimizer state 0 at its
+position, after the update step; it trains from the next step on (see :func:`jaxsparse.core`),
+like RigL's zero-initialised connections.
 
-The drop fraction ``f(t)`` is constant (SET) or RigL's cosine decay (the formula of
-:func:`~jaxsparse.schedules.cosine_drop_fraction`, evaluated in float64 on the host so counts
-are exact), 0 from ``end_step`` on. Selections are exact
-static-shape top-k (:mod:`jaxsparse.selection`), ties to the lowest flat index, so a run is
-reproducible bit for bit from its seed.
+The drop fraction ``f(t)`` is SET's constant zeta (``drop_fraction_anneal="constant"``), RigL's
+cosine decay (``"cosine"``, the formula of :func:`~jaxsparse.schedules.cosine_drop_fraction`),
+or any ``step -> fraction`` schedule, tabulated on the host in float64 at every update step so
+counts are exact; 0 from ``end_step`` on. Selections are exact static-shape top-k
+(:mod:`jaxsparse.selection`), ties to the lowest flat index, so a run is reproducible bit for
+bit from its seed.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ def _leaf_scores(score, inputs: TopologyInputs, key):
     return [score(p, g, k) for p, g, k in zip(inputs.params, inputs.grads, keys)]
 
 
-def _drop_grow_topology(drop_score, grow_score, drop_fraction, update_every, end_step) -> Topology:
+def _drop_grow_topology(drop_score, grow_score, drop_fraction, anneal, update_every, end_step, regrow_dropped) -> Topology:
     is_update_step = dst_update_steps(update_every, end_step)
-    fractions = update_fractions(drop_fraction, update_every, end_step)
+    fractions = update_fractions(drop_fraction, update_every, end_step, anneal)
 
     def update(inputs: TopologyInputs):
         drop_key, grow_key = jax.random.split(inputs.key)
@@ -54,8 +57,10 @@ def _drop_grow_topology(drop_score, grow_score, drop_fraction, update_every, end
         n_drop = []
         for i in changing:
             # Counts are constant, so each leaf's drop counts are exact integers from the host.
-            counts = np.minimum(np.floor(fractions * plan[i].keep), plan[i].size - plan[i].keep).astype(np.int32)
-            n_drop.append(at_update(counts, inputs.step, update_every))
+            counts = np.floor(fractions * plan[i].keep)
+            if not regrow_dropped:  # growth needs as many positions inactive before the update
+                counts = np.minimum(counts, plan[i].size - plan[i].keep)
+            n_drop.append(at_update(counts.astype(np.int32), inputs.step, update_every))
         pick = lambda xs: [xs[i] for i in changing]
         new, _, _ = drop_and_grow(
             pick(inputs.masks),
@@ -63,6 +68,7 @@ def _drop_grow_topology(drop_score, grow_score, drop_fraction, update_every, end
             pick(_leaf_scores(grow_score, inputs, grow_key)),
             n_drop,
             n_drop,
+            regrow_dropped=regrow_dropped,
         )
         masks = list(inputs.masks)
         for i, m in zip(changing, new):
@@ -80,7 +86,9 @@ def dynamic_sparse(
     drop_score=score_fns.magnitude,
     update_every: int = 100,
     end_step: int | None = None,
-    drop_fraction: float = 0.3,
+    drop_fraction=0.3,
+    drop_fraction_anneal: str = "constant",
+    regrow_dropped: bool = True,
     seed=0,
     include=None,
     exclude=None,
@@ -90,22 +98,35 @@ def dynamic_sparse(
 
     Starts from a random mask with exactly ``N - floor(s N)`` nonzeros per leaf and, every
     ``update_every`` steps, drops the active weights with the lowest ``drop_score`` and grows as
-    many inactive positions with the highest ``grow_score`` (see the module docstring).
+    many positions with the highest ``grow_score`` (see the module docstring).
+
+    Example::
+
+        tx = js.dynamic_sparse(optax.adam(1e-3), sparsity=js.erk(0.9), grow_score=js.scores.saliency,
+                               end_step=30_000, drop_fraction_anneal="cosine")
+        params, opt_state = js.init(tx, params)   # params masked: step 0 trains the sparse model
 
     Args:
       inner: the optax transformation to wrap.
       sparsity: a float (uniform over the leaves) or a distribution (``jaxsparse.erk(0.9)``).
       grow_score, drop_score: ``score(param, grad, key) -> array`` of non-negative scores
         (:mod:`jaxsparse.scores`: magnitude, random, gradient_magnitude, saliency); higher is
-        grown / kept, negative values count as 0. ``grad`` is the step's dense gradient.
+        grown / kept, NaN and negative values count as 0. ``grad`` is the step's dense gradient.
       update_every: steps between topology updates (the first at step ``update_every``).
-      end_step: last step (exclusive) of topology updates; with it the drop fraction decays as
-        RigL's cosine, without it (None) it stays ``drop_fraction`` forever.
-      drop_fraction: fraction of each leaf's active weights replaced at an update (at step 0 of
-        the cosine schedule).
+      end_step: last step (exclusive) of topology updates; None: they never stop.
+      drop_fraction: fraction of each leaf's active weights dropped at an update: a float, or any
+        ``step -> fraction`` schedule (e.g. an optax schedule; needs ``end_step``), evaluated on
+        the host at every update step.
+      drop_fraction_anneal: for a float ``drop_fraction``, ``"constant"`` or ``"cosine"`` (RigL's
+        decay from ``drop_fraction`` at step 0 to 0 at ``end_step``).
+      regrow_dropped: whether a weight dropped in an update may be regrown in the same update
+        (True, as in RigL's Algorithm 1 and reference code) or growth uses only positions
+        inactive before the update (False).
       seed, include, exclude, overrides: see :func:`jaxsparse.core`.
     """
-    topology = _drop_grow_topology(drop_score, grow_score, drop_fraction, update_every, end_step)
+    topology = _drop_grow_topology(
+        drop_score, grow_score, drop_fraction, drop_fraction_anneal, update_every, end_step, bool(regrow_dropped)
+    )
     return sparsifier(
         inner, sparsity=as_distribution(sparsity), topology=topology,
         include=include, exclude=exclude, overrides=overrides, seed=seed,
@@ -118,7 +139,9 @@ def set_sparse(
     sparsity,
     update_every: int = 100,
     end_step: int | None = None,
-    drop_fraction: float = 0.3,
+    drop_fraction=0.3,
+    drop_fraction_anneal: str = "constant",
+    regrow_dropped: bool = True,
     seed=0,
     include=None,
     exclude=None,
@@ -130,15 +153,21 @@ def set_sparse(
 
     Every ``update_every`` steps, each leaf drops the fraction ``drop_fraction`` (SET's zeta) of
     its active weights with the smallest magnitude and regrows as many at uniformly random
-    inactive positions. A float ``sparsity`` is spread with the Erdős–Rényi distribution
+    positions. A float ``sparsity`` is spread with the Erdős–Rényi distribution
     (:func:`jaxsparse.er`) as in the paper; pass ``jaxsparse.uniform(s)`` or ``jaxsparse.erk(s)``
-    otherwise. With ``end_step`` the drop fraction decays as RigL's cosine and updates stop there
-    (the SET baseline of Evci et al., 2020); without it SET runs forever at constant zeta. See
-    :func:`dynamic_sparse` for the arguments.
+    otherwise. The drop fraction stays constant (the paper's zeta) until ``end_step`` (None:
+    forever); ``drop_fraction_anneal="cosine"`` gives the SET baseline of Evci et al. (2020),
+    whose fraction decays as RigL's. See :func:`dynamic_sparse` for the arguments.
+
+    Example::
+
+        tx = js.set_sparse(optax.sgd(0.05, momentum=0.9), sparsity=0.9, update_every=500)
+        params, opt_state = js.init(tx, params)   # params masked: step 0 trains the sparse model
     """
     return dynamic_sparse(
         inner, sparsity=paper_distribution(sparsity, er), grow_score=score_fns.random,
         update_every=update_every, end_step=end_step, drop_fraction=drop_fraction,
+        drop_fraction_anneal=drop_fraction_anneal, regrow_dropped=regrow_dropped,
         seed=seed, include=include, exclude=exclude, overrides=overrides,
     )
 
@@ -149,7 +178,9 @@ def rigl(
     sparsity,
     update_every: int = 100,
     end_step: int,
-    drop_fraction: float = 0.3,
+    drop_fraction=0.3,
+    drop_fraction_anneal: str = "cosine",
+    regrow_dropped: bool = True,
     seed=0,
     include=None,
     exclude=None,
@@ -160,19 +191,26 @@ def rigl(
 
     Every ``update_every`` steps until ``end_step``, each leaf drops ``floor(f(t) * nnz)`` of its
     active weights by magnitude, with ``f(t) = drop_fraction / 2 * (1 + cos(pi t / end_step))``,
-    and grows as many inactive positions with the largest magnitude of the dense gradient on the
-    current batch. Grown weights are exactly 0 and their moments in the inner optimizer state
-    are 0 (every params-shaped leaf of any optax state is reset); there is no topology change
-    after ``end_step``.
+    and grows as many positions with the largest magnitude of the dense gradient on the current
+    batch, among all positions not kept (a just-dropped weight may come back, keeping its value,
+    as in the paper's Algorithm 1). Newly grown weights are exactly 0 and their moments in the
+    inner optimizer state are 0 (every params-shaped leaf of any optax state is reset); there is
+    no topology change after ``end_step``.
 
     A float ``sparsity`` is spread with ERK (:func:`jaxsparse.erk`), the distribution of the
     paper's main results; pass ``jaxsparse.uniform(s)`` for the same sparsity in every leaf.
     See :func:`dynamic_sparse` for the arguments.
+
+    Example::
+
+        tx = js.rigl(optax.adam(1e-3), sparsity=0.9, update_every=100, end_step=30_000)
+        params, opt_state = js.init(tx, params)   # params masked: step 0 trains the sparse model
     """
     if end_step is None:
         raise ValueError("rigl needs end_step, the step at which its cosine drop fraction reaches 0")
     return dynamic_sparse(
         inner, sparsity=paper_distribution(sparsity, erk), grow_score=score_fns.gradient_magnitude,
         update_every=update_every, end_step=end_step, drop_fraction=drop_fraction,
+        drop_fraction_anneal=drop_fraction_anneal, regrow_dropped=regrow_dropped,
         seed=seed, include=include, exclude=exclude, overrides=overrides,
     )

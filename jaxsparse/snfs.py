@@ -5,18 +5,25 @@ Performance". Every ``update_every`` steps until ``end_step``, with the cosine-d
 ``f(t)``:
 
 1. every sparsified leaf with ``n_l`` active weights drops its ``d_l = floor(f(t) * n_l)``
-   smallest-magnitude ones (at most its number of inactive positions);
+   smallest-magnitude ones;
 2. the total ``D = sum_l d_l`` is shared out as regrowth across the leaves in proportion to the
-   mean momentum magnitude of each leaf's active weights, capped by each leaf's inactive
-   positions (the excess goes to the other leaves in the same proportions, the rounding
-   remainder leaf by leaf), exactly ``D`` in all;
-3. each leaf grows its share at the inactive positions with the largest momentum magnitude.
+   mean momentum magnitude of each leaf's active weights, capped by each leaf's free positions
+   (the excess goes to the other leaves in the same proportions, the rounding remainder leaf by
+   leaf), exactly ``D`` in all;
+3. each leaf grows its share at the free positions with the largest momentum magnitude.
+
+As in the reference code (``sparselearning/core.py``), a leaf's free positions are all those not
+kept after the prune, so a weight pruned in this update can be regrown at once (it keeps its
+value and moments), and a dense leaf may drop more weights than it has zeros. With
+``regrow_dropped=False`` the free positions are those inactive before the update and each leaf
+drops at most that many.
 
 The momentum is an exponential moving average of the dense gradients, kept in the sparsifier's
 own state (``aux``), so it works with any inner optimizer. Per-leaf counts move with the
 redistribution (that is the method); the total number of nonzeros stays exactly constant.
-As in :mod:`jaxsparse.dst`, growth picks positions inactive before the update, so no weight is
-dropped and regrown in one update, and grown weights start at exactly 0 with zero moments.
+Grown weights that were inactive start at exactly 0 with zero moments. The reference code rounds
+prune counts up and regrowth down and corrects the total over later updates; here both are
+floors and the total is exact at every update.
 """
 
 from __future__ import annotations
@@ -63,8 +70,8 @@ def allocate(total, weights, caps):
     return alloc + add
 
 
-def _snfs_topology(drop_fraction, end_step, update_every, momentum) -> Topology:
-    fractions = update_fractions(drop_fraction, update_every, end_step).astype(np.float32)
+def _snfs_topology(drop_fraction, anneal, end_step, update_every, momentum, regrow_dropped) -> Topology:
+    fractions = update_fractions(drop_fraction, update_every, end_step, anneal).astype(np.float32)
 
     def init(inputs: TopologyInputs):
         return random_masks(inputs.plan, inputs.key), [jnp.zeros(leaf.shape, jnp.float32) for leaf in inputs.plan]
@@ -77,14 +84,17 @@ def _snfs_topology(drop_fraction, end_step, update_every, momentum) -> Topology:
         fraction = at_update(fractions, inputs.step, update_every)
         speed = [jnp.abs(m) for m in inputs.aux]
         active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
-        drops = [drop_count(n, leaf.size, fraction) for n, leaf in zip(active, inputs.plan)]
-        caps = jnp.stack([leaf.size - n for n, leaf in zip(active, inputs.plan)])
+        drops = [drop_count(n, leaf.size, fraction, regrow_dropped=regrow_dropped) for n, leaf in zip(active, inputs.plan)]
+        # Growth fills the positions not kept: also the just-dropped ones in the paper's rule.
+        caps = jnp.stack([leaf.size - n + (d if regrow_dropped else 0) for n, d, leaf in zip(active, drops, inputs.plan)])
         mean_speed = jnp.stack(
             [jnp.sum(jnp.where(m, s, 0.0)) / jnp.maximum(n, 1) for m, s, n in zip(inputs.masks, speed, active)]
         )
         grows = allocate(sum(drops), mean_speed, caps)
         magnitudes = [jnp.abs(p) for p in inputs.params]
-        new, _, _ = drop_and_grow(inputs.masks, magnitudes, speed, drops, [grows[i] for i in range(len(active))])
+        new, _, _ = drop_and_grow(
+            inputs.masks, magnitudes, speed, drops, [grows[i] for i in range(len(active))], regrow_dropped=regrow_dropped
+        )
         return new, inputs.aux
 
     return Topology(
@@ -98,8 +108,10 @@ def snfs(
     sparsity,
     update_every: int = 100,
     end_step: int,
-    drop_fraction: float = 0.5,
+    drop_fraction=0.5,
+    drop_fraction_anneal: str = "cosine",
     momentum: float = 0.9,
+    regrow_dropped: bool = True,
     seed=0,
     include=None,
     exclude=None,
@@ -121,15 +133,22 @@ def snfs(
         distribution (``jaxsparse.erk(0.9)``).
       update_every: steps between topology updates (the first at step ``update_every``).
       end_step: no topology change from this step on.
-      drop_fraction: prune rate at step 0 (the paper's default 0.5).
+      drop_fraction: prune rate at step 0 (the paper's default 0.5), or any ``step -> fraction``
+        schedule evaluated on the host at every update step.
+      drop_fraction_anneal: for a float ``drop_fraction``, ``"cosine"`` (the paper's prune-rate
+        annealing, to 0 at ``end_step``) or ``"constant"``.
       momentum: decay of the gradient moving average used as the momentum (0.9 in the paper).
+      regrow_dropped: as in the reference code, regrowth may pick a weight pruned in the same
+        update (True), which then keeps its value, and a leaf's prune count is not capped; False:
+        regrowth only at positions inactive before the update, and each leaf drops at most its
+        number of inactive positions.
       seed, include, exclude, overrides: see :func:`jaxsparse.core`.
     """
     if end_step is None:
         raise ValueError("snfs needs end_step, the step at which its cosine prune rate reaches 0")
     if not 0.0 <= float(momentum) < 1.0:
         raise ValueError(f"momentum must be in [0, 1); got {momentum!r}")
-    topology = _snfs_topology(drop_fraction, end_step, update_every, float(momentum))
+    topology = _snfs_topology(drop_fraction, drop_fraction_anneal, end_step, update_every, float(momentum), bool(regrow_dropped))
     return sparsifier(
         inner, sparsity=paper_distribution(sparsity, uniform), topology=topology,
         include=include, exclude=exclude, overrides=overrides, seed=seed,

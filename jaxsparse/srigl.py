@@ -8,7 +8,9 @@ layer fast.
 A leaf is viewed as a matrix ``(fan_in, n_out)`` with the output axis (``output_axis``, default
 the last one, flax's ``(in, out)`` kernels and ``(h, w, in, out)`` convolutions) as columns.
 At init every column gets ``k0 = floor(budget / n_out)`` random nonzeros, so the leaf holds
-``k0 * n_out`` of its distribution's budget ``N - floor(s N)``. Every ``update_every`` steps
+``B = k0 * n_out`` of its distribution's budget ``N - floor(s N)``; when the budget is smaller
+than ``n_out`` (very high sparsity), ``B = budget`` random neurons get one weight each and the
+others start ablated, so a leaf never holds more than its budget. Every ``update_every`` steps
 until ``end_step``, with RigL's cosine drop fraction ``f(t)`` and ``nnz`` active weights:
 
 1. RigL's layer-wise selection: the ``nnz - d`` active weights with the largest magnitude are
@@ -16,8 +18,9 @@ until ``end_step``, with RigL's cosine drop fraction ``f(t)`` and ``nnz`` active
    gradient magnitude are the growth candidates.
 2. Neuron ablation: a neuron with fewer than ``gamma_sal * k`` salient weights (kept or
    candidate, ``k`` its current fan-in) is ablated (all its weights removed); at least the most
-   salient neuron stays. The fan-in becomes ``k' = min(fan_in, floor(k0 * n_out / active))`` so
-   the layer keeps its density (exactly ``k0 * n_out`` nonzeros while no neuron is ablated).
+   salient neuron stays, and at most ``B`` neurons (the most salient) stay active. The fan-in
+   becomes ``k' = min(fan_in, floor(B / active))`` so the layer keeps its density (exactly ``B``
+   nonzeros while no neuron is ablated) and never exceeds ``B``.
 3. Every active neuron keeps its ``min(k', kept)`` largest kept weights and grows the rest up to
    ``k'`` by gradient magnitude among its positions inactive before the update (only when a
    neuron runs out of those, a weight dropped in step 1 comes back, keeping its value).
@@ -35,7 +38,7 @@ from jax import lax
 
 from jaxsparse.distributions import erk
 from jaxsparse.dst import _finite, drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
-from jaxsparse.selection import score_keys
+from jaxsparse.selection import score_keys, top_k_mask
 from jaxsparse.core import LeafPlan, Topology, TopologyInputs, sparsifier
 
 __all__ = ["srigl", "fan_in_counts", "neuron_top_k"]
@@ -90,6 +93,10 @@ def neuron_top_k(scores, ks):
 
 
 def _fan_in(leaf: LeafPlan, output_axis: int):
+    """``(fan_in, n_out, k0, n_active0)``: the leaf as a ``(fan_in, n_out)`` matrix, the initial
+    fan-in ``k0`` and number of active neurons. The leaf holds ``k0 * n_active0 <= budget``
+    weights: every neuron ``floor(budget / n_out)`` of them, or, when the budget is smaller than
+    the number of neurons, ``budget`` neurons one weight each (the others ablated from the start)."""
     if len(leaf.shape) < 2:
         raise ValueError(
             f"srigl needs leaves with an input and an output axis; leaf {leaf.name!r} has shape {leaf.shape}"
@@ -98,8 +105,9 @@ def _fan_in(leaf: LeafPlan, output_axis: int):
         raise ValueError(f"output_axis {output_axis} is out of range for leaf {leaf.name!r} of shape {leaf.shape}")
     n_out = leaf.shape[output_axis]
     fan_in = leaf.size // n_out
-    k0 = min(max(leaf.keep // n_out, 1), fan_in)
-    return fan_in, n_out, k0
+    if leaf.keep >= n_out:
+        return fan_in, n_out, min(leaf.keep // n_out, fan_in), n_out
+    return fan_in, n_out, 1, leaf.keep
 
 
 def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axis) -> Topology:
@@ -109,19 +117,24 @@ def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axi
         keys = jax.random.split(inputs.key, max(len(inputs.plan), 1))
         masks = []
         for leaf, key in zip(inputs.plan, keys):
-            fan_in, n_out, k0 = _fan_in(leaf, output_axis)
-            chosen = neuron_top_k(jax.random.uniform(key, (fan_in, n_out)), jnp.full((n_out,), k0))
+            fan_in, n_out, k0, n_active = _fan_in(leaf, output_axis)
+            weight_key, neuron_key = jax.random.split(key)
+            active = top_k_mask(jax.random.uniform(neuron_key, (n_out,)), n_active)
+            chosen = neuron_top_k(jax.random.uniform(weight_key, (fan_in, n_out)), jnp.where(active, k0, 0))
             masks.append(_from_matrix(chosen, leaf.shape, output_axis))
         return masks, ()
 
     def neuron_update(leaf, m, magnitude, gradient, counts, kept, candidates):
-        fan_in, n_out, k0 = _fan_in(leaf, output_axis)
+        fan_in, n_out, k0, n_active = _fan_in(leaf, output_axis)
+        budget = k0 * n_active
         # 2. Ablate neurons with too few salient weights; the others share the budget.
         salient = jnp.sum(kept | candidates, axis=0, dtype=jnp.int32)
         active = salient.astype(jnp.float32) >= gamma_sal * jnp.max(counts).astype(jnp.float32)
         most_salient = jnp.arange(n_out) == jnp.argmax(salient)
         active = jnp.where(jnp.any(active), active, most_salient)
-        fan = jnp.minimum(fan_in, (k0 * n_out) // jnp.sum(active, dtype=jnp.int32))
+        if budget < n_out:  # at most one neuron per budgeted weight: keep the most salient ones
+            active = active & top_k_mask(jnp.where(active, salient, -1).astype(jnp.float32), budget)
+        fan = jnp.minimum(fan_in, budget // jnp.sum(active, dtype=jnp.int32))
         # 3. Per active neuron: its largest kept weights, then growth up to the fan-in.
         kept_per_neuron = jnp.sum(kept, axis=0, dtype=jnp.int32)
         n_keep = jnp.where(active, jnp.minimum(kept_per_neuron, fan), 0)
@@ -172,7 +185,8 @@ def srigl(
     RigL with a constant fan-in per output neuron and neuron ablation.
 
     See the module docstring for the update. A float ``sparsity`` is spread with ERK (as in the
-    paper); each leaf keeps ``floor(budget / n_out)`` nonzeros per output neuron.
+    paper); each leaf keeps ``floor(budget / n_out)`` nonzeros per output neuron (one per neuron
+    on ``budget`` neurons when the budget is below ``n_out``), never more than its budget.
 
     Args:
       inner: the optax transformation to wrap.

@@ -15,9 +15,11 @@ How it fits "params are the sparse model" (DESIGN.md invariant 1): params hold `
 sparsifier state as shadow weights (``state.aux.shadow``, one array per sparsified leaf, plus
 the backward masks ``state.aux.backward``). The loss gradient with respect to params is the
 gradient with respect to the forward weights the paper uses; the inner optimizer sees it on
-``B`` (its moments are kept on ``B`` and reset where ``B`` changes), the shadow takes the inner
-update on ``B``, and params become ``theta * A``. The shadow costs one params-sized buffer, and
-it is the source of truth: params changed outside the optimizer are overwritten at its next step.
+``B`` (its moments are kept on ``B`` and reset where ``B`` changes) and receives the shadow
+weights as its ``params`` (so adamw's weight decay or ``add_decayed_weights`` decay ``theta``, the
+weights it trains), the shadow takes the inner update on ``B``, and params become ``theta * A``.
+The shadow costs one params-sized buffer, and it is the source of truth: params changed outside
+the optimizer are overwritten at its next step.
 
 ``A`` and ``B`` are recomputed from ``|theta|`` every ``update_every`` steps (exact budgets
 ``N - floor(s N)`` per leaf, ties to the lowest index). The paper defines them at every step
@@ -98,6 +100,7 @@ def _topkast_topology(backward: Distribution, penalty: float, update_every: int)
         observe=observe if penalty > 0 else None,
         trained=lambda masks, aux: aux.backward,
         finish=finish,
+        inner_params=lambda inputs: inputs.aux.shadow,  # the inner optimizer updates theta
     )
 
 
@@ -119,6 +122,7 @@ def topkast(
     backward_sparsity=None,
     penalty: float = 0.0,
     update_every: int = 100,
+    seed=0,
     include=None,
     exclude=None,
     overrides=None,
@@ -139,10 +143,10 @@ def topkast(
       penalty: coefficient of the exploration penalty (L2 on the forward set, scaled by
         ``1 / D`` on the rest of the backward set, ``D`` the forward density); 0 disables it.
       update_every: steps between recomputations of both sets (1 = every step, as in the paper).
+      seed: taken like every preset's; the sets come from magnitudes, so no random number is
+        drawn.
       include, exclude, overrides: see :func:`jaxsparse.core` (overrides apply to the
         forward sparsity).
-
-    The sets come from magnitudes, with no randomness, so there is no seed.
     """
     forward = as_distribution(sparsity)
     if backward_sparsity is None:
@@ -159,4 +163,6 @@ def topkast(
     if float(penalty) < 0:
         raise ValueError(f"penalty must be >= 0; got {penalty!r}")
     topology = _topkast_topology(backward, float(penalty), update_every)
-    return sparsifier(inner, sparsity=forward, topology=topology, include=include, exclude=exclude, overrides=overrides)
+    return sparsifier(
+        inner, sparsity=forward, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
+    )

@@ -79,3 +79,22 @@ def test_bad_arguments():
         js.snfs(optax.sgd(0.1), sparsity=0.9, end_step=10, momentum=1.0)
     with pytest.raises(ValueError, match="drop_fraction"):
         js.snfs(optax.sgd(0.1), sparsity=0.9, end_step=10, drop_fraction=2.0)
+
+
+def test_prune_counts_are_not_capped_and_pruned_weights_can_regrow():
+    # Sparse momentum's reference code prunes floor(f * n) weights of each leaf even where that is
+    # more than the leaf's zeros, and regrows among all positions not kept. Here all momentum is
+    # on "a": at the update (f ~ 0.4995) each leaf prunes 23 of its 48 weights (more than its 16
+    # zeros); "a" regrows into all of its 39 free positions (its 23 just-pruned ones included),
+    # and the rest of the total 46 goes back to "b".
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = {"a": jax.random.normal(k1, (8, 8)), "b": jax.random.normal(k2, (8, 8))}
+    coefficients = jnp.stack([jax.random.normal(k3, (8, 8)), jnp.zeros((8, 8))])
+    for regrow, expected in ((True, (64, 32)), (False, (48, 48))):
+        tx = js.snfs(optax.sgd(1e-3), sparsity=0.25, update_every=2, end_step=100, drop_fraction=0.5, regrow_dropped=regrow)
+        records = run(tx, steps=3, params=params, loss=linear_loss, batches=lambda t: (coefficients, None))
+        before, after = records[2], records[3]
+        assert (before.masks["a"].sum(), before.masks["b"].sum()) == (48, 48)
+        assert (after.masks["a"].sum(), after.masks["b"].sum()) == expected, regrow
+        if regrow:  # the weights "a" pruned came back with their values
+            assert np.all(after.params["a"][before.masks["a"]] != 0)
