@@ -18,28 +18,16 @@ import numpy as np
 __all__ = ["path_to_str", "leaf_paths", "is_sparsifiable", "select_leaves", "match_overrides"]
 
 
-def _key_to_str(key) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
 def path_to_str(path: Sequence[Any]) -> str:
-    """Join a jax key path into ``"a/b/c"``.
+    """Join a jax key path into ``"a/b/c"`` (``jax.tree_util.keystr`` in its simple form).
 
     A trailing ``.value`` attribute (how flax nnx ``Variable`` objects expose their array) is
     dropped, so ``nnx.state(model)`` and its pure-array form give the same names.
     """
-    keys = list(path)
+    keys = tuple(path)
     if len(keys) > 1 and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
         keys = keys[:-1]
-    return "/".join(_key_to_str(k) for k in keys)
+    return jax.tree_util.keystr(keys, simple=True, separator="/")
 
 
 def leaf_paths(tree) -> list[str]:

@@ -21,6 +21,21 @@ def test_paths_for_dicts_and_namedtuples():
     assert js.select_leaves(tree) == {"a/kernel": True, "a/bias": False, "b/0": True, "b/1": False}
 
 
+class Box:
+    """A pytree node registered without key names: its children get ``FlattenedIndexKey``s."""
+
+    def __init__(self, children):
+        self.children = children
+
+
+jax.tree_util.register_pytree_node(Box, lambda b: (b.children, None), lambda _, c: Box(list(c)))
+
+
+def test_paths_for_int_keys_and_nodes_without_key_names():
+    tree = {"box": Box([jnp.ones(2), {0: jnp.ones(2), 1: [jnp.ones(2)]}])}
+    assert js.leaf_paths(tree) == ["box/0", "box/1/0", "box/1/1/0"]
+
+
 @pytest.mark.compat
 def test_flax_linen_params():
     model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
