@@ -1,8 +1,10 @@
 """Sparsity distributions: how a model-wide sparsity target is spread over the leaves.
 
 A distribution is a callable ``params -> tree of per-leaf target sparsity`` (``None`` for leaves
-that stay dense). Calling it on a params tree uses the default leaf rule (floating leaves with
-``ndim >= 2``); the sparsifiers call :meth:`Distribution.solve` on the leaves they chose.
+that stay dense). Calling it on a params tree uses the default leaf rule
+(:func:`jaxsparse.leaves.is_sparsifiable`: kernels and token embeddings, not biases, norm
+parameters or positional tables); the sparsifiers call :meth:`Distribution.solve` on the leaves
+they chose.
 
 - :func:`uniform`: every leaf at the same sparsity.
 - :func:`erk`: Erdős–Rényi-Kernel (Evci et al., 2020, "Rigging the Lottery: Making All Tickets
