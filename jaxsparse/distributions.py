@@ -1,8 +1,10 @@
 """Sparsity distributions: how a model-wide sparsity target is spread over the leaves.
 
 A distribution is a callable ``params -> tree of per-leaf target sparsity`` (``None`` for leaves
-that stay dense). Calling it on a params tree uses the default leaf rule (floating leaves with
-``ndim >= 2``); the sparsifiers call :meth:`Distribution.solve` on the leaves they chose.
+that stay dense). Calling it on a params tree uses the default leaf rule
+(:func:`jaxsparse.leaves.is_sparsifiable`: kernels and token embeddings, not biases, norm
+parameters or positional tables); the sparsifiers call :meth:`Distribution.solve` on the leaves
+they chose.
 
 - :func:`uniform`: every leaf at the same sparsity.
 - :func:`erk`: Erdős–Rényi-Kernel (Evci et al., 2020, "Rigging the Lottery: Making All Tickets
@@ -13,6 +15,9 @@ that stay dense). Calling it on a params tree uses the default leaf rule (floati
 - :func:`er`: Erdős–Rényi (Mocanu et al., 2018, "Scalable training of artificial neural networks
   with adaptive sparse connectivity", Nature Communications): the same with only the two last
   dimensions (fan-in and fan-out), ``(n_in + n_out) / (n_in * n_out)``.
+
+A zero-size leaf (a dimension of 0) gets target 0.0 under ERK and ER: it has nothing to prune,
+and its density formula would divide by 0. The other leaves are solved as if it were absent.
 
 Targets are Python floats computed in float64, so exact budgets (``N - floor(s * N)`` nonzeros)
 do not suffer from float32 rounding.
@@ -84,32 +89,31 @@ class _ErdosRenyi(Distribution):
 
     def solve(self, shapes):
         s = self.sparsity
-        if not shapes:
-            return {}
-        sizes = {n: float(np.prod(shape)) for n, shape in shapes.items()}
-        raw = {n: self.raw_density(shape) for n, shape in shapes.items()}
-        dense: set[str] = set()
-        while True:
+        sizes = {n: math.prod(int(d) for d in shape) for n, shape in shapes.items()}
+        # A zero-size leaf has nothing to prune: it is dense (target 0.0, the limit of ERK's
+        # density, which grows without bound as a dimension shrinks to 0). It adds nothing to
+        # the budget or to the divisor below, so the other leaves solve as if it were absent.
+        out = {n: 0.0 for n in shapes if sizes[n] == 0}
+        sparse = [n for n in shapes if sizes[n] > 0]
+        raw = {n: self.raw_density(shapes[n]) for n in sparse}
+        dense: list[str] = []
+        eps = 0.0
+        while sparse:
             # Nonzeros to place in the sparse leaves: those of uniform sparsity s over all leaves,
             # minus what the dense leaves take beyond their uniform share.
-            budget = sum((1.0 - s) * sizes[n] for n in shapes if n not in dense)
-            budget -= sum(s * sizes[n] for n in dense)
-            divisor = sum(raw[n] * sizes[n] for n in shapes if n not in dense)
+            budget = sum((1.0 - s) * sizes[n] for n in sparse) - sum(s * sizes[n] for n in dense)
+            divisor = sum(raw[n] * sizes[n] for n in sparse)
             if divisor <= 0.0:
                 break
             eps = budget / divisor
-            sparse_raw = [raw[n] for n in shapes if n not in dense]
-            max_raw = max(sparse_raw)
+            max_raw = max(raw[n] for n in sparse)
             if max_raw * eps <= 1.0:
                 break
-            dense.update(n for n in shapes if n not in dense and raw[n] == max_raw)
-        out = {}
-        for n in shapes:
-            if n in dense:
-                out[n] = 0.0
-            else:
-                out[n] = min(max(1.0 - eps * raw[n], 0.0), 1.0)
-        return out
+            dense += [n for n in sparse if raw[n] == max_raw]
+            sparse = [n for n in sparse if raw[n] != max_raw]
+        out.update({n: 0.0 for n in dense})
+        out.update({n: min(max(1.0 - eps * raw[n], 0.0), 1.0) for n in sparse})
+        return {n: out[n] for n in shapes}
 
 
 def uniform(sparsity: float) -> Distribution:

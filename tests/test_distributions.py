@@ -107,3 +107,34 @@ def test_bad_sparsity_raises(bad):
             make(bad)
     with pytest.raises(ValueError, match="sparsity"):
         js.magnitude_pruning(optax.sgd(0.1), sparsity=bad)
+
+
+@pytest.mark.parametrize("make", [js.erk, js.er], ids=["erk", "er"])
+def test_zero_size_leaf_is_dense_and_leaves_the_others_solve_alone(make):
+    # (4, 0, 8): a conv kernel with no input channels is sparsified by default but holds nothing.
+    params = {**CONV_NET, "empty": jnp.zeros((4, 0, 8))}
+    t = make(0.9)(params)
+    assert t["empty"] == 0.0
+    ref = make(0.9)(CONV_NET)
+    for n in CONV_NET:
+        assert t[n] == pytest.approx(ref[n], abs=1e-12)
+    assert make(0.9).solve({"a": (0, 8), "b": (0,)}) == {"a": 0.0, "b": 0.0}
+
+
+def test_static_sparse_with_erk_on_a_zero_size_leaf():
+    key = jax.random.PRNGKey(0)
+    params = {
+        "dense": jax.random.normal(key, (16, 8)),
+        "empty": jnp.zeros((4, 0, 8)),
+        "picked": jnp.zeros((0, 8)),  # zero-size and chosen explicitly below
+    }
+    tx = js.static_sparse(optax.sgd(0.1), sparsity=js.erk(0.9), include="dense|empty|picked")
+    state = tx.init(params)
+    masks = js.get_masks(state)
+    assert masks["empty"].shape == (4, 0, 8) and masks["picked"].shape == (0, 8)
+    assert int(js.count_nonzeros(masks)["dense"]) == 16 * 8 - math.floor(js.erk(0.9)(params)["dense"] * 16 * 8)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    assert new["empty"].shape == (4, 0, 8) and new["picked"].shape == (0, 8)
+    assert np.all(np.asarray(new["dense"])[~np.asarray(masks["dense"])] == 0)
