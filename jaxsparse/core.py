@@ -333,8 +333,9 @@ def sparsifier(
       sparsity: a float (uniform) or a :class:`~jaxsparse.distributions.Distribution` giving
         each sparsified leaf's target sparsity.
       topology: the rule that initialises and updates masks (see :class:`Topology`).
-      include, exclude: regexes on leaf paths choosing the sparsified leaves (default: floating
-        leaves with ``ndim >= 2``).
+      include, exclude: regexes on leaf paths choosing the sparsified leaves (default: the
+        weights of dense, convolution, attention and embedding layers; no bias, norm parameter
+        or positional table: :func:`jaxsparse.leaves.is_sparsifiable`).
       overrides: ``{regex: sparsity or None}``; a matched leaf gets that sparsity instead of the
         distribution's (``None`` keeps it dense); the distribution is solved over the rest.
       seed: int or PRNG key for the topology's randomness.

@@ -108,6 +108,12 @@ def pruning(
 ) -> optax.GradientTransformationExtraArgs:
     """Prune by any score (see :mod:`jaxsparse.scores`) on a schedule.
 
+    Example (pruning by any score, here the gradient-weighted magnitude)::
+
+        tx = js.pruning(optax.adam(1e-3), score=js.scores.saliency, sparsity=0.8,
+                        schedule=js.polynomial_schedule(0, 5_000), update_every=500)
+        params, opt_state = js.init(tx, params)
+
     Args:
       inner: the optax transformation to wrap.
       score: ``score(param, grad, key) -> array``; higher is kept.
@@ -144,6 +150,12 @@ def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=
 
     One-shot at step 0 by default; pass ``schedule=polynomial_schedule(begin, end)`` for gradual
     pruning every ``update_every`` steps. See :func:`pruning` for the arguments.
+
+    Example (gradual magnitude pruning to 90%, Zhu & Gupta's cubic schedule)::
+
+        tx = js.magnitude_pruning(optax.adam(1e-3), sparsity=0.9, update_every=100,
+                                  schedule=js.polynomial_schedule(begin_step=1_000, end_step=20_000))
+        params, opt_state = js.init(tx, params)
     """
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
@@ -153,7 +165,13 @@ def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=
 
 def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None, seed=0):
     """Random pruning, per layer: the baseline of Liu et al. (2022), "The unreasonable
-    effectiveness of random pruning", ICLR. See :func:`pruning`."""
+    effectiveness of random pruning", ICLR. See :func:`pruning`.
+
+    Example::
+
+        tx = js.random_pruning(optax.adam(1e-3), sparsity=js.erk(0.9), seed=0)
+        params, opt_state = js.init(tx, params)
+    """
     return pruning(
         inner, score=score_fns.random, sparsity=sparsity, schedule=schedule, update_every=update_every,
         include=include, exclude=exclude, overrides=overrides, seed=seed,
@@ -162,7 +180,13 @@ def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=
 
 def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
     """Pruning by first-order saliency ``|w * g|`` on the step's gradient (Molchanov et al.,
-    2017; SNIP, Lee et al., 2019), per layer. See :func:`pruning`."""
+    2017; SNIP, Lee et al., 2019), per layer. See :func:`pruning`.
+
+    Example (one-shot at the first step, which sees the first batch's gradient)::
+
+        tx = js.saliency_pruning(optax.adam(1e-3), sparsity=0.9)
+        params, opt_state = js.init(tx, params)
+    """
     return pruning(
         inner, score=score_fns.saliency, sparsity=sparsity, schedule=schedule, update_every=update_every,
         include=include, exclude=exclude, overrides=overrides, seed=seed,
@@ -171,7 +195,14 @@ def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0
 
 def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
     """Magnitude pruning with one threshold over all sparsified leaves (Han et al., 2015;
-    compared in Blalock et al., 2020). See :func:`pruning`."""
+    compared in Blalock et al., 2020). See :func:`pruning`.
+
+    Example::
+
+        tx = js.global_magnitude_pruning(optax.adam(1e-3), sparsity=0.9,
+                                         schedule=js.polynomial_schedule(1_000, 20_000))
+        params, opt_state = js.init(tx, params)
+    """
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
         scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
@@ -180,7 +211,13 @@ def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_ev
 
 def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
     """LAMP: global selection on layer-adaptive magnitude scores (Lee et al., 2021, ICLR).
-    See :func:`jaxsparse.scores.lamp` and :func:`pruning`."""
+    See :func:`jaxsparse.scores.lamp` and :func:`pruning`.
+
+    Example::
+
+        tx = js.lamp_pruning(optax.adam(1e-3), sparsity=0.95)
+        params, opt_state = js.init(tx, params)
+    """
     return pruning(
         inner, score=score_fns.lamp, sparsity=sparsity, schedule=schedule, update_every=update_every,
         scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
@@ -191,9 +228,14 @@ def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overri
     """Static sparse training: a random mask drawn at init (exactly ``N - floor(s N)`` entries
     per leaf, spread by the distribution: ``erk(0.9)``, ``er(0.9)`` or a float), fixed afterwards.
 
-    The baseline of Mocanu et al. (2018) and Evci et al. (2020). Params are zeroed off-mask by
-    the first update; call ``jaxsparse.apply_masks(params, jaxsparse.get_masks(state))`` after
-    ``init`` to start from the sparse model.
+    The baseline of Mocanu et al. (2018) and Evci et al. (2020). ``tx.init`` cannot change
+    params: start with ``js.init(tx, params)``, which returns them masked, so the first step
+    already trains the sparse model (otherwise the first update zeroes them off the mask).
+
+    Example::
+
+        tx = js.static_sparse(optax.adam(1e-3), sparsity=js.erk(0.9), seed=0)
+        params, opt_state = js.init(tx, params)   # params masked: step 0 trains the sparse model
     """
     topology = Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=None, is_update_step=None)
     return sparsifier(

@@ -127,6 +127,11 @@ def snfs(
     positions with the largest momentum (see the module docstring). The total number of nonzeros
     is exactly constant; per-leaf counts follow the redistribution.
 
+    Example::
+
+        tx = js.snfs(optax.sgd(0.1, momentum=0.9), sparsity=0.9, update_every=1000, end_step=100_000)
+        params, opt_state = js.init(tx, params)   # params masked: step 0 trains the sparse model
+
     Args:
       inner: the optax transformation to wrap.
       sparsity: initial sparsity: a float (the same in every leaf, as in the paper) or a

@@ -188,6 +188,11 @@ def srigl(
     paper); each leaf keeps ``floor(budget / n_out)`` nonzeros per output neuron (one per neuron
     on ``budget`` neurons when the budget is below ``n_out``), never more than its budget.
 
+    Example::
+
+        tx = js.srigl(optax.adam(1e-3), sparsity=0.9, update_every=100, end_step=30_000)
+        params, opt_state = js.init(tx, params)   # params masked: step 0 trains the sparse model
+
     Args:
       inner: the optax transformation to wrap.
       sparsity: a float (spread by ERK) or a distribution.

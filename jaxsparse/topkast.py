@@ -133,6 +133,11 @@ def topkast(
     magnitude in each leaf; gradients update the shadow weights on the larger top
     ``1 - backward_sparsity`` fraction (see the module docstring).
 
+    Example (the paper's 90% forward / 80% backward setting)::
+
+        tx = js.topkast(optax.adam(1e-3), sparsity=0.9, backward_sparsity=0.8, update_every=1)
+        params, opt_state = js.init(tx, params)   # params = the forward set of the weights
+
     Args:
       inner: the optax transformation to wrap.
       sparsity: forward sparsity, a float (the same in every leaf, as in the paper) or a

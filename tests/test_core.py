@@ -1,5 +1,7 @@
 """The core transformation: get_masks in every nesting, errors, moment resets, nnx.Optimizer."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,20 +26,47 @@ def test_get_masks_in_every_nesting():
         "chain": optax.chain(optax.clip(1.0), pruner(optax.sgd(0.1))),
         "inject_hyperparams": optax.inject_hyperparams(lambda lr: pruner(optax.sgd(lr)))(lr=0.1),
         "MultiSteps": optax.MultiSteps(pruner(optax.sgd(0.1)), every_k_schedule=3),
+        # Labels per leaf: optax marks the leaves a sparsifier does not own with MaskedNode.
         "multi_transform": optax.multi_transform(
             {"sparse": pruner(optax.sgd(0.1)), "dense": optax.sgd(0.1)},
-            {"Dense_0": "sparse", "Dense_1": "dense"},
+            {"Dense_0": {"kernel": "sparse", "bias": "dense"}, "Dense_1": {"kernel": "dense", "bias": "dense"}},
         ),
     }
+    structure = lambda tree: jax.tree.structure(tree, is_leaf=lambda x: x is None)
     for name, tx in nestings.items():
         masks = js.get_masks(tx.init(params))
         assert masks["Dense_0"]["kernel"].shape == (12, 16), name
-        if name != "multi_transform":
-            assert jax.tree.structure(masks, is_leaf=lambda x: x is None) == jax.tree.structure(
-                expected, is_leaf=lambda x: x is None
-            ), name
+        if name == "multi_transform":
+            assert masks["Dense_1"]["kernel"] is None and masks["Dense_0"]["bias"] is None
+        else:
+            assert masks["Dense_1"]["kernel"].shape == (16, 3), name
+        assert structure(masks) == structure(expected), name
     with pytest.raises(ValueError, match="no jaxsparse sparsifier"):
         js.get_masks(optax.adam(0.1).init(params))
+
+
+def test_get_masks_merges_sparsifiers_of_multi_transform():
+    # One sparsifier per parameter group, with prefix labels: optax collapses a subtree a
+    # sparsifier does not own into one MaskedNode, and the merge puts the trees back together.
+    params = mlp_params()
+    tx = optax.multi_transform(
+        {"first": js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5),
+         "second": js.rigl(optax.adam(0.1), sparsity=js.uniform(0.75), end_step=10, include="kernel"),
+         "dense": optax.sgd(0.1)},
+        {"Dense_0": "first", "Dense_1": "second"},
+    )
+    params, state, _ = train(tx, steps=2, params=params)
+    masks = js.get_masks(state)
+    assert jax.tree.structure(masks, is_leaf=lambda x: x is None) == jax.tree.structure(params)
+    assert masks["Dense_0"]["bias"] is None and masks["Dense_1"]["bias"] is None
+    assert int(masks["Dense_0"]["kernel"].sum()) == 96 and int(masks["Dense_1"]["kernel"].sum()) == 12
+    assert_params_sparse(params, masks)
+    # A group that no sparsifier owns comes back as one None, or params-shaped given params.
+    tx = optax.multi_transform({"sparse": pruner(optax.sgd(0.1)), "dense": optax.sgd(0.1)}, {"Dense_0": "sparse", "Dense_1": "dense"})
+    state = tx.init(params)
+    assert js.get_masks(state)["Dense_1"] is None
+    full = js.get_masks(state, params)
+    assert full["Dense_1"] == {"kernel": None, "bias": None} and full["Dense_0"]["kernel"].shape == (12, 16)
 
 
 class NnxMLP(nnx.Module):
@@ -148,3 +177,104 @@ def test_periodic_updates():
     assert [t for t in range(8) if bool(js.periodic_updates(4)(t))] == [0, 4]
     with pytest.raises(ValueError, match="update_every must be a positive int; got 0"):
         js.periodic_updates(0)
+
+
+def test_init_returns_masked_params_so_step_0_trains_the_sparse_model():
+    params = mlp_params()
+    for tx in (js.static_sparse(optax.adam(1e-2), sparsity=0.8),
+               js.rigl(optax.adam(1e-2), sparsity=js.uniform(0.8), end_step=10),
+               js.topkast(optax.adam(1e-2), sparsity=0.8),
+               optax.chain(optax.identity(), js.set_sparse(optax.sgd(0.1), sparsity=0.8))):
+        masked, state = js.init(tx, params)
+        masks = js.get_masks(state)
+        assert_params_sparse(masked, masks)
+        for layer in ("Dense_0", "Dense_1"):
+            np.testing.assert_array_equal(masked[layer]["kernel"], jnp.where(masks[layer]["kernel"], params[layer]["kernel"], 0))
+            np.testing.assert_array_equal(masked[layer]["bias"], params[layer]["bias"])
+        # The first step's gradients come from the sparse model.
+        grads = jax.grad(mlp_loss)(masked, *batch(0))
+        assert not np.allclose(grads["Dense_0"]["kernel"], jax.grad(mlp_loss)(params, *batch(0))["Dense_0"]["kernel"])
+
+
+def test_a_transformation_after_the_sparsifier_warns_and_names_the_fix():
+    # optax.chain(sparsifier, scale) halves the -param updates that zero pruned entries: params
+    # keep nonzeros off the masks, which the sparsifier detects at its next check step.
+    tx = optax.chain(js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5), optax.scale(0.5))
+    with pytest.warns(RuntimeWarning, match=r"masks are False in \['Dense_0/kernel', 'Dense_1/kernel'\].*inside the sparsifier's inner"):
+        params, state, _ = train(tx, steps=3)
+        jax.effects_barrier()
+    assert np.any(np.asarray(params["Dense_0"]["kernel"])[~np.asarray(js.get_masks(state)["Dense_0"]["kernel"])] != 0)
+    # The right composition: everything inside inner; no warning, params exactly sparse.
+    tx = js.magnitude_pruning(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1), optax.scale(0.5)), sparsity=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params, state, _ = train(tx, steps=3)
+        jax.effects_barrier()
+    assert_params_sparse(params, js.get_masks(state))
+
+
+def test_leak_check_under_vmap_over_seeds():
+    # The check's host callback must work for a run vmapped over seeds, and stay quiet when sparse.
+    params = mlp_params()
+    tx = js.static_sparse(optax.sgd(0.1), sparsity=0.5, seed=0)
+
+    def run_seed(seed):
+        tx = js.static_sparse(optax.sgd(0.1), sparsity=0.5, seed=seed)
+        p, state = js.init(tx, params)
+        for t in range(3):
+            updates, state = tx.update(jax.grad(mlp_loss)(p, *batch(t)), state, p)
+            p = optax.apply_updates(p, updates)
+        return p, state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p, state = jax.jit(jax.vmap(run_seed))(jnp.arange(3))
+        jax.effects_barrier()
+    counts = js.count_nonzeros(state)
+    np.testing.assert_array_equal(counts["Dense_0/kernel"], [96, 96, 96])
+    np.testing.assert_array_equal(js.count_nonzeros(js.get_masks(state), batch_dims=1)["Dense_1/kernel"], [24, 24, 24])
+    del tx
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), np.int32(3), jnp.int32(3), jax.random.PRNGKey(3), jax.random.key(3)],
+                         ids=["np.int64", "np.int32", "jnp.int32", "raw key", "typed key"])
+def test_seeds_of_every_kind(seed):
+    params = mlp_params()
+    expected = js.get_masks(js.rigl(optax.sgd(0.1), sparsity=0.5, end_step=10, seed=3).init(params))
+    masks = js.get_masks(js.rigl(optax.sgd(0.1), sparsity=0.5, end_step=10, seed=seed).init(params))
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(masks)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="seed must be"):
+        js.rigl(optax.sgd(0.1), sparsity=0.5, end_step=10, seed=1.5).init(params)
+
+
+def test_every_preset_takes_the_common_arguments():
+    import inspect
+
+    presets = [js.magnitude_pruning, js.random_pruning, js.saliency_pruning, js.global_magnitude_pruning,
+               js.lamp_pruning, js.static_sparse, js.set_sparse, js.rigl, js.snfs, js.srigl, js.topkast]
+    for preset in presets:
+        names = set(inspect.signature(preset).parameters)
+        assert {"sparsity", "seed", "include", "exclude", "overrides"} <= names, preset.__name__
+        assert "js.init(" in preset.__doc__, f"{preset.__name__}'s docstring does not show js.init"
+
+
+def test_errors_for_restored_states_and_other_containers():
+    from flax.core import FrozenDict
+
+    params = mlp_params()
+    tx = js.rigl(optax.adam(1e-2), sparsity=0.5, end_step=10)
+    state = tx.init(params)
+    grads = jax.grad(mlp_loss)(params, *batch(0))
+    # A checkpoint restored without a target turns the state into dicts and lists.
+    restored = [state._asdict() | {"inner_state": [dict(x._asdict()) for x in state.inner_state if hasattr(x, "_asdict")]}]
+    masks = js.get_masks(restored)  # get_masks still finds the masks there
+    np.testing.assert_array_equal(masks["Dense_0"]["kernel"], state.masks["Dense_0"]["kernel"])
+    with pytest.raises(ValueError, match="restored from a checkpoint without a target.*StandardRestore"):
+        tx.update(grads, restored[0], params)
+    with pytest.raises(ValueError, match="no jaxsparse sparsifier state found in list"):
+        js.get_masks([jnp.zeros(3)])
+    # init with a FrozenDict, update with a dict: a clear message instead of a raw cond error.
+    state = tx.init(FrozenDict(params))
+    with pytest.raises(ValueError, match="in other containers.*FrozenDict"):
+        tx.update(grads, state, params)

@@ -83,3 +83,26 @@ def test_bad_arguments():
         js.srigl(optax.sgd(0.1), sparsity=0.5, end_step=10, gamma_sal=1.5)
     with pytest.raises(ValueError, match="end_step"):
         js.srigl(optax.sgd(0.1), sparsity=0.5, end_step=None)
+
+
+def test_never_exceeds_the_budget_at_high_sparsity():
+    # A (16, 64) leaf at 99% has a budget of 11 weights for 64 neurons: 11 neurons get one weight
+    # each (the others ablated) instead of one weight for every neuron (64).
+    params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 64))}
+
+    def loss(params, x, y):
+        return jnp.mean((jnp.tanh(x @ params["w"]) - y) ** 2)
+
+    def batches(t):
+        x = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(1), t), (8, 16))
+        return x, jnp.sin(x[:, :1] * jnp.arange(64))
+
+    budget = 16 * 64 - int(0.99 * 16 * 64)
+    tx = js.srigl(optax.adam(1e-2), sparsity=js.uniform(0.99), update_every=2, end_step=9, gamma_sal=0.0)
+    records = run(tx, steps=8, params=params, loss=loss, batches=batches)
+    assert budget == 11 and records[0].masks["w"].sum() == 11
+    np.testing.assert_array_equal(np.sort(fan_in_counts(records[0].masks["w"]))[-11:], 1)
+    for r in records:
+        assert r.masks["w"].sum() <= budget
+        counts = np.asarray(fan_in_counts(r.masks["w"]))
+        assert len(set(counts[counts > 0])) == 1  # constant fan-in on the active neurons

@@ -100,3 +100,17 @@ def test_bad_arguments():
         js.topkast(optax.sgd(0.1), sparsity=0.8, backward_sparsity=0.5, penalty=-1.0)
     with pytest.raises(ValueError, match="backward_sparsity"):
         js.topkast(optax.sgd(0.1), sparsity=0.8, backward_sparsity=1.0)
+
+
+def test_inner_transformation_sees_the_dense_weights_it_trains():
+    # Weight decay inside the inner optimizer must act on theta (the shadow weights it updates),
+    # also on B \ A where params are 0. With a zero loss and sgd(1), one step multiplies theta on
+    # B by (1 - 0.1) and leaves it alone outside B.
+    inner = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(1.0))
+    tx = js.topkast(inner, sparsity=0.75, backward_sparsity=0.5, update_every=100)
+    records = run(tx, steps=1, loss=lambda params, x, y: 0.0 * jnp.sum(params["Dense_0"]["kernel"]))
+    before, after = records[0].state.aux, records[1].state.aux
+    backward, theta = np.asarray(before.backward[0]), np.asarray(before.shadow[0])
+    forward = records[0].masks["Dense_0/kernel"]
+    assert np.any(backward & ~forward)
+    np.testing.assert_allclose(after.shadow[0], np.where(backward, 0.9 * theta, theta), rtol=1e-6)
