@@ -138,7 +138,7 @@ def train_seeds(method, sparsity, seeds, steps, data):
         init_key, data_key, mask_key = jax.random.split(key, 3)
         params = init_mlp(init_key, x.shape[1], 10)
         tx = make_tx(method, sparsity, steps, lr, mask_key)
-        state = tx.init(params)
+        params, state = js.init(tx, params)
 
         def loss(params, xb, yb):
             return optax.softmax_cross_entropy_with_integer_labels(logits(params, xb), yb).mean()

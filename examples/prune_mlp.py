@@ -66,7 +66,7 @@ def accuracy(params, x, y):
 def train(tx, params, data, steps, batch_size=128, seed=0, desc="train", steps_per_call=100):
     """Standard optax loop, ``steps_per_call`` steps per jit call (a ``lax.scan``) for speed."""
     x, y = data
-    state = tx.init(params)
+    params, state = js.init(tx, params)  # masked params (unchanged here: pruning starts dense)
 
     def step(carry, idx):
         params, state = carry

@@ -4,7 +4,7 @@ A small 1-D CNN + MLP classifier on MNIST-1D (generated offline by the ``mnist1d
 scikit-learn's digits with ``--dataset digits``). The only jaxsparse line is the optimizer:
 
     tx = js.rigl(optax.adam(lr), sparsity=0.9, update_every=100, end_step=0.75 * steps)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = js.nnx_optimizer(model, tx)   # nnx.Optimizer(model, tx, wrt=nnx.Param), model masked
 
 ``jaxsparse.rigl`` spreads a float sparsity with ERK (Evci et al., 2020) over the kernels (the
 convolution and dense kernels; biases stay dense), starts from a random mask, and every 100 steps
@@ -82,7 +82,7 @@ def accuracy(model, x, y):
 def train(tx, data, steps, seed, desc, on_update=None):
     x, y, _, _ = data
     model = Classifier(x.shape[1], nnx.Rngs(seed))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = js.nnx_optimizer(model, tx)  # the model starts masked (dense tx: unchanged)
     key = jax.random.PRNGKey(seed)
     for t in (bar := tqdm(range(steps), desc=desc, mininterval=1.0)):
         idx = jax.random.randint(jax.random.fold_in(key, t), (128,), 0, x.shape[0])

@@ -36,7 +36,7 @@ from jaxsparse.pruning import (
     static_sparse,
 )
 from jaxsparse.rigl import dynamic_sparse, rigl, set_sparse
-from jaxsparse.report import SparsityReport, sparsity_report
+from jaxsparse.report import SparsityPreview, SparsityReport, preview_sparsity, sparsity_report
 from jaxsparse.schedules import (
     SparsitySchedule,
     constant_schedule,
@@ -66,11 +66,13 @@ __all__ = [
     # dynamic sparse training
     "dynamic_sparse", "set_sparse", "rigl", "snfs", "srigl", "topkast",
     # reporting
-    "SparsityReport", "sparsity_report",
+    "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]
 
 
 def __getattr__(name):
     if name in ("nn", "attention"):  # flax-dependent: imported only when asked for (attention: old path)
         return importlib.import_module(f"jaxsparse.{name}")
+    if name == "nnx_optimizer":
+        return importlib.import_module("jaxsparse.nn.optimizer").nnx_optimizer
     raise AttributeError(f"module 'jaxsparse' has no attribute {name!r}")

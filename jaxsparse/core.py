@@ -41,10 +41,12 @@ from jaxsparse.masks import apply_masks, check_structure, is_none, map_masked
 __all__ = [
     "SparsifierState",
     "LeafPlan",
+    "plan_leaves",
     "TopologyInputs",
     "Topology",
     "sparsifier",
     "get_masks",
+    "sparsifier_states",
     "init",
     "as_key",
     "periodic_updates",
@@ -164,7 +166,14 @@ def periodic_updates(update_every: int, begin_step: int = 0, end_step: int | Non
     return is_update_step
 
 
-def _make_plan(params, distribution: Distribution, include, exclude, overrides) -> tuple[LeafPlan, ...]:
+def plan_leaves(params, sparsity, *, include=None, exclude=None, overrides=None) -> tuple[LeafPlan, ...]:
+    """The sparsified leaves of ``params`` with their targets and exact budgets, in leaf order.
+
+    What every sparsifier computes at ``init`` from its ``sparsity`` (a float or a distribution),
+    ``include`` / ``exclude`` filters and ``overrides``; :func:`jaxsparse.preview_sparsity`
+    prints it as a table.
+    """
+    distribution = as_distribution(sparsity)
     chosen = select_leaves(params, include, exclude)
     names = [n for n, ok in chosen.items() if ok]
     fixed = match_overrides(names, overrides)
@@ -356,7 +365,7 @@ def sparsifier(
         flat, treedef = jax.tree_util.tree_flatten(params)
         signature = (treedef, tuple(tuple(getattr(x, "shape", ())) for x in flat))
         if signature not in plans:
-            plans[signature] = _make_plan(params, distribution, include, exclude, overrides)
+            plans[signature] = plan_leaves(params, distribution, include=include, exclude=exclude, overrides=overrides)
         return plans[signature]
 
     def init_fn(params):
@@ -459,8 +468,9 @@ def _is_state(x) -> bool:
     return isinstance(x, SparsifierState) or _looks_restored(x)
 
 
-def _find_states(tree) -> list:
-    """Every sparsifier state inside ``tree`` (also dicts restored from a checkpoint without a target)."""
+def sparsifier_states(tree) -> list:
+    """Every jaxsparse sparsifier state inside an optimizer state, however nested (also dicts
+    restored from a checkpoint without a target); empty when there is none."""
     if hasattr(tree, "opt_state") and not isinstance(tree, tuple):  # nnx.Optimizer and friends
         tree = tree.opt_state
     return [x for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_state) if _is_state(x)]
@@ -520,7 +530,7 @@ def get_masks(state, params=None):
     Raises:
       ValueError: if the state holds no jaxsparse sparsifier.
     """
-    states = _find_states(state)
+    states = sparsifier_states(state)
     if not states:
         raise ValueError(
             f"no jaxsparse sparsifier state found in {type(state).__name__}: pass the state returned by the "
@@ -543,8 +553,11 @@ def init(tx: optax.GradientTransformation, params):
         params, opt_state = js.init(tx, params)
 
     Works for any transformation that contains jaxsparse sparsifiers (``optax.chain``,
-    ``inject_hyperparams``, ``MultiSteps``, ``multi_transform``). For flax nnx, see
+    ``inject_hyperparams``, ``MultiSteps``, ``multi_transform``); for one that contains none
+    (a dense baseline run by the same loop) params come back unchanged. For flax nnx, see
     :func:`jaxsparse.nnx_optimizer`.
     """
     state = tx.init(params)
+    if not sparsifier_states(state):
+        return params, state
     return apply_masks(params, get_masks(state, params)), state

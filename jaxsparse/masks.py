@@ -77,13 +77,13 @@ def count_nonzeros(masks, *, batch_dims: int | None = None) -> dict[str, jax.Arr
         separately: each count then has the shape of those axes. Default: 0 for a mask tree; for
         a state, the axes of its step counter (so a state vmapped over 3 seeds gives 3 counts).
     """
-    from jaxsparse.core import SparsifierState, get_masks  # the core imports this module
+    from jaxsparse.core import get_masks, sparsifier_states  # the core imports this module
 
-    states = jax.tree_util.tree_leaves(masks, is_leaf=lambda x: isinstance(x, SparsifierState))
-    states = [x for x in states if isinstance(x, SparsifierState)]
-    if states or hasattr(masks, "opt_state"):
+    states = sparsifier_states(masks)
+    if states:
         if batch_dims is None:
-            batch_dims = jnp.ndim(states[0].step) if states else 0
+            step = states[0].step if hasattr(states[0], "step") else states[0]["step"]
+            batch_dims = jnp.ndim(step)
         masks = get_masks(masks)
     batch_dims = batch_dims or 0
     flat = jax.tree_util.tree_flatten_with_path(masks)[0]

@@ -1,4 +1,9 @@
-"""A per-layer sparsity table of a params tree, printable and available as data for logging."""
+"""Per-layer sparsity tables, printable and available as data for logging.
+
+- :func:`sparsity_report`: what a params tree holds (nonzeros per leaf).
+- :func:`preview_sparsity`: what a sparsifier will aim for, before training (each leaf's target
+  sparsity and exact budget under a distribution, filters and overrides).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,19 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from jaxsparse.core import plan_leaves
 from jaxsparse.leaves import path_to_str
 
-__all__ = ["LeafReport", "SparsityReport", "sparsity_report"]
+__all__ = ["LeafReport", "SparsityReport", "sparsity_report", "LeafTarget", "SparsityPreview", "preview_sparsity"]
+
+
+def _table(header, lines, left: int = 2) -> str:
+    """An aligned text table; the first ``left`` columns left-aligned, the last line a total."""
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    rule = "-" * len(fmt(header))
+    body = [fmt(l) for l in lines]
+    return "\n".join([fmt(header), rule, *body[:-1], rule, body[-1]])
 
 
 class LeafReport(NamedTuple):
@@ -35,19 +50,12 @@ class SparsityReport(NamedTuple):
         return out
 
     def __str__(self) -> str:
-        header = ("path", "shape", "nonzeros", "size", "sparsity")
         shape = lambda r: "" if r is self.total else "x".join(map(str, r.shape)) or "()"
         lines = [
             (r.path, shape(r), f"{r.nonzeros:,}", f"{r.size:,}", f"{r.sparsity:.2%}")
             for r in (*self.rows, self.total)
         ]
-        widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
-        fmt = lambda cells: "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        )
-        rule = "-" * len(fmt(header))
-        body = [fmt(l) for l in lines]
-        return "\n".join([fmt(header), rule, *body[:-1], rule, body[-1]])
+        return _table(("path", "shape", "nonzeros", "size", "sparsity"), lines)
 
 
 def sparsity_report(params, *, only_sparse: bool = False) -> SparsityReport:
@@ -75,3 +83,64 @@ def sparsity_report(params, *, only_sparse: bool = False) -> SparsityReport:
     if only_sparse:
         rows = [r for r in rows if r.nonzeros < r.size]
     return SparsityReport(tuple(rows), total)
+
+
+class LeafTarget(NamedTuple):
+    """One row of a preview: a leaf, its target sparsity and exact budget (``None``: dense)."""
+
+    path: str
+    shape: tuple
+    size: int
+    sparsity: float | None
+    keep: int
+
+
+class SparsityPreview(NamedTuple):
+    """Per-leaf targets of a sparsifier before training. ``str()`` gives an aligned table."""
+
+    rows: tuple[LeafTarget, ...]
+    total: LeafTarget
+
+    def as_dict(self) -> dict[str, float]:
+        """``{"target_sparsity/<path>": sparsity}`` for the sparsified leaves, and the total."""
+        out = {f"target_sparsity/{r.path}": r.sparsity for r in self.rows if r.sparsity is not None}
+        out["target_sparsity/total"] = self.total.sparsity
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            (r.path, "x".join(map(str, r.shape)) or "()", f"{r.size:,}",
+             "dense" if r.sparsity is None else f"{r.sparsity:.2%}", f"{r.keep:,}")
+            for r in self.rows
+        ]
+        t = self.total
+        lines.append((t.path, "", f"{t.size:,}", f"{t.sparsity:.2%}", f"{t.keep:,}"))
+        return _table(("path", "shape", "size", "target", "kept"), lines)
+
+
+def preview_sparsity(params, sparsity, *, include=None, exclude=None, overrides=None) -> SparsityPreview:
+    """The per-leaf target sparsities and exact budgets a sparsifier will use, before training.
+
+    Takes the same ``sparsity`` (a float or a distribution such as ``jaxsparse.erk(0.9)``),
+    ``include``, ``exclude`` and ``overrides`` as every preset, and ``params`` as arrays or
+    ``jax.ShapeDtypeStruct`` (``jax.eval_shape(model.init, ...)``: nothing is allocated)::
+
+        print(js.preview_sparsity(params, js.erk(0.9), exclude="head"))
+
+    Each sparsified leaf of size ``N`` at target ``s`` keeps exactly ``N - floor(s N)`` entries
+    once the schedule (if any) is complete; other leaves stay dense. The total row counts every
+    leaf, dense ones included. For presets that spread a float with a published distribution
+    (RigL and SRigL: ERK; SET: ER), pass that distribution to see their targets.
+    """
+    plan = {leaf.name: leaf for leaf in plan_leaves(params, sparsity, include=include, exclude=exclude, overrides=overrides)}
+    rows = []
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not hasattr(x, "shape"):
+            continue
+        name, size = path_to_str(path), int(np.prod(x.shape))
+        leaf = plan.get(name)
+        rows.append(LeafTarget(name, tuple(x.shape), size, leaf and leaf.sparsity, leaf.keep if leaf else size))
+    size = sum(r.size for r in rows)
+    keep = sum(r.keep for r in rows)
+    total = LeafTarget("total", (), size, 1.0 - keep / size if size else 0.0, keep)
+    return SparsityPreview(tuple(rows), total)

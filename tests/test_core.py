@@ -96,6 +96,20 @@ def test_nnx_optimizer():
         assert_params_sparse(nnx.state(model, nnx.Param), masks)
 
 
+def test_nnx_optimizer_starts_from_the_masked_model():
+    model = NnxMLP(nnx.Rngs(0))
+    dense_kernel = np.asarray(model.hidden.kernel[...])
+    optimizer = js.nnx_optimizer(model, js.rigl(optax.adam(1e-2), sparsity=js.uniform(0.75), end_step=10))
+    masks = js.get_masks(optimizer)
+    assert_params_sparse(nnx.state(model, nnx.Param), masks)
+    kept = np.asarray(masks["hidden"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(model.hidden.kernel[...])[kept], dense_kernel[kept])
+    # A dense optimizer leaves the model as it is.
+    other = NnxMLP(nnx.Rngs(0))
+    js.nnx_optimizer(other, optax.adam(1e-2))
+    np.testing.assert_array_equal(np.asarray(other.hidden.kernel[...]), dense_kernel)
+
+
 def test_update_errors_name_the_problem():
     params = mlp_params()
     tx = pruner(optax.sgd(0.1))
