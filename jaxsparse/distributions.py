@@ -93,8 +93,10 @@ class _ErdosRenyi(Distribution):
         # A zero-size leaf has nothing to prune: it is dense (target 0.0, the limit of ERK's
         # density, which grows without bound as a dimension shrinks to 0). It adds nothing to
         # the budget or to the divisor below, so the other leaves solve as if it were absent.
-        out = {n: 0.0 for n in shapes if sizes[n] == 0}
-        sparse = [n for n in shapes if sizes[n] > 0]
+        # So is a leaf of one entry (a scalar, which has no dimensions to spread over): any
+        # sparsity below 1 keeps its entry.
+        out = {n: 0.0 for n in shapes if sizes[n] <= 1}
+        sparse = [n for n in shapes if sizes[n] > 1]
         raw = {n: self.raw_density(shapes[n]) for n in sparse}
         dense: list[str] = []
         eps = 0.0

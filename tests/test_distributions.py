@@ -138,3 +138,13 @@ def test_static_sparse_with_erk_on_a_zero_size_leaf():
     new = optax.apply_updates(params, updates)
     assert new["empty"].shape == (4, 0, 8) and new["picked"].shape == (0, 8)
     assert np.all(np.asarray(new["dense"])[~np.asarray(masks["dense"])] == 0)
+
+
+def test_a_scalar_leaf_stays_dense_under_erk_and_er():
+    # A scalar picked with include= has no dimensions to spread over: it keeps its entry instead
+    # of getting an out-of-range target (ERK) or an unpacking error (ER).
+    shapes = {"w": (16, 8), "temperature": ()}
+    for dist in (js.erk(0.9), js.er(0.9)):
+        targets = dist.solve(shapes)
+        assert targets["temperature"] == 0.0
+        assert targets["w"] == pytest.approx(dist.solve({"w": (16, 8)})["w"])
