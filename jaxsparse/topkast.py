@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
-from jaxsparse.dst import _finite, dst_update_steps
+from jaxsparse.dst import dst_update_steps
 from jaxsparse.selection import top_k_masks_nested
 from jaxsparse.core import Topology, TopologyInputs, sparsifier
 
@@ -61,9 +61,10 @@ def _topkast_topology(backward: Distribution, penalty: float, update_every: int)
         return [max(keep_count(leaf.size, targets[leaf.name]), leaf.keep) for leaf in plan]
 
     def sets(plan, shadow):
-        # Both sets are top-k of the same magnitudes: one nested search per leaf.
+        # Both sets are top-k of the same magnitudes: one nested search per leaf (a NaN weight
+        # ranks lowest).
         chosen = [
-            top_k_masks_nested(_finite(jnp.abs(theta)), [leaf.keep, k])
+            top_k_masks_nested(jnp.abs(theta), [leaf.keep, k])
             for theta, leaf, k in zip(shadow, plan, backward_keeps(plan))
         ]
         return [forward for forward, _ in chosen], [back for _, back in chosen]
