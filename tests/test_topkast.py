@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jaxsparse as js
-from conformance import assert_params_sparse, train
+from conformance import assert_params_sparse, mlp_params, train
 from dst_testing import run
 
 KERNELS = ("Dense_0/kernel", "Dense_1/kernel")
@@ -108,7 +108,8 @@ def test_inner_transformation_sees_the_dense_weights_it_trains():
     # B by (1 - 0.1) and leaves it alone outside B.
     inner = optax.chain(optax.add_decayed_weights(0.1), optax.sgd(1.0))
     tx = js.topkast(inner, sparsity=0.75, backward_sparsity=0.5, update_every=100)
-    records = run(tx, steps=1, loss=lambda params, x, y: 0.0 * jnp.sum(params["Dense_0"]["kernel"]))
+    params, state = js.init(tx, mlp_params())  # params are theta on A, 0 elsewhere
+    records = run(tx, steps=1, params=params, state=state, loss=lambda params, x, y: 0.0 * jnp.sum(params["Dense_0"]["kernel"]))
     before, after = records[0].state.aux, records[1].state.aux
     backward, theta = np.asarray(before.backward[0]), np.asarray(before.shadow[0])
     forward = records[0].masks["Dense_0/kernel"]
