@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxsparse as js
@@ -248,3 +249,27 @@ def test_top_k_per_column_matches_sort_oracle():
     with pytest.raises(ValueError, match=r"\(rows, columns\) array; got shape \(3,\)"):
         top_k_per_column(jnp.zeros(3), jnp.ones(3, jnp.int32))
 
+
+# 4 leaves of 2**30 weights: 2**32 in all, beyond int32 counts and uint32 positions.
+LLM_PARAMS = {f"layer_{i}": {"kernel": jax.ShapeDtypeStruct((32768, 32768), jnp.bfloat16)} for i in range(4)}
+LLM_PRESETS = {
+    "magnitude_pruning": lambda inner: js.magnitude_pruning(inner, sparsity=0.9, schedule=js.polynomial_schedule(0, 100), update_every=10),
+    "global_magnitude_pruning": lambda inner: js.global_magnitude_pruning(inner, sparsity=0.9, schedule=js.polynomial_schedule(0, 100), update_every=10),
+    "lamp_pruning": lambda inner: js.lamp_pruning(inner, sparsity=0.9),
+    "rigl": lambda inner: js.rigl(inner, sparsity=0.9, update_every=10, end_step=100),
+    "snfs": lambda inner: js.snfs(inner, sparsity=0.9, update_every=10, end_step=100),
+}
+
+
+@pytest.mark.parametrize("name", list(LLM_PRESETS))
+def test_presets_trace_at_billions_of_weights(name):
+    tx = LLM_PRESETS[name](optax.sgd(1e-3))
+    state = jax.eval_shape(tx.init, LLM_PARAMS)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, new_state = jax.eval_shape(step, LLM_PARAMS, state, LLM_PARAMS)
+    assert jax.tree.structure(params) == jax.tree.structure(LLM_PARAMS)
+    assert [m.shape for m in jax.tree.leaves(js.get_masks(new_state))] == [(32768, 32768)] * 4
