@@ -13,12 +13,11 @@ radix select over histograms instead:
 3. A histogram of the low 16 bits of the keys in that bucket (a second pass) gives the key
    itself. The number of passes is fixed (2, or 3-4 with narrower digits when there are very
    many groups), so there is no data-dependent loop.
-4. One compare pass builds the mask, and'ed with eligibility, so an ineligible entry is never
+4. One compare pass builds the mask, ineligible keys excluded, so an ineligible entry is never
    selected (``k`` beyond the eligible count selects every eligible entry). Entries tied at the
    threshold are kept lowest flat index first (leaves in the order given): when ties straddle
-   the threshold, each leaf takes its share of the tied places in leaf order, and the same radix
-   select on position keys picks its first tied entries, under ``lax.cond`` so it costs nothing
-   otherwise.
+   the threshold, the same radix select on position keys picks the first tied entries, under
+   ``lax.cond`` so it costs nothing otherwise.
 
 Leaves can be partitioned into groups that each keep their own ``k`` (one group: global
 pruning; one group per leaf: per-layer budgets); all groups share the same passes, so a model
@@ -107,16 +106,18 @@ class _Groups:
         self.n = max(self.group_of) + 1
         self.members = [[i for i, g in enumerate(self.group_of) if g == gi] for gi in range(self.n)]
         self.totals = [sum(sizes[i] for i in m) for m in self.members]
-        self.row_of, self.row_group = [0] * len(self.group_of), []
+        # Rows: consecutive leaves of one group; a leaf's entries sit at row positions
+        # offset[i] ... offset[i] + size - 1.
+        self.row_of, self.offset, self.row_group, self.row_sizes = [0] * len(sizes), [0] * len(sizes), [], []
         for g, members in enumerate(self.members):
             self.row_group.append(g)
-            filled = 0
-            for i in members:  # leaf order: a row holds consecutive leaves of the group
-                if filled and filled + sizes[i] > _ROW_SIZE:
+            self.row_sizes.append(0)
+            for i in members:
+                if self.row_sizes[-1] and self.row_sizes[-1] + sizes[i] > _ROW_SIZE:
                     self.row_group.append(g)
-                    filled = 0
-                self.row_of[i] = len(self.row_group) - 1
-                filled += sizes[i]
+                    self.row_sizes.append(0)
+                self.row_of[i], self.offset[i] = len(self.row_group) - 1, self.row_sizes[-1]
+                self.row_sizes[-1] += sizes[i]
         self.wide = len(self.row_group) > self.n
 
     def group_counts(self, per_row: jax.Array) -> counts.Count:
@@ -197,18 +198,19 @@ def _kth_largest_keys(keys, ks: counts.Count, groups: _Groups, shared: bool = Fa
 
 
 def _tie_quotas(keep_equal: counts.Count, groups: _Groups, tied) -> jax.Array:
-    """Per leaf (int32), how many of the entries tied at its group's threshold it keeps: the
-    leaves of group ``g`` take its ``keep_equal[g]`` tied places in leaf order, each at most its
-    ``tied(i)`` tied entries (not asked of a group's last leaf, which takes what is left)."""
-    quota = [None] * len(groups.group_of)
-    for g, members in enumerate(groups.members):
-        left = _at(keep_equal, g)
-        for i in members:
-            take = left
-            if i != members[-1]:
-                take = counts.minimum(left, tied(i))
-                left = counts.sub(left, take)
-            quota[i] = counts.to_int32(take)
+    """Per histogram row (int32), how many of the entries tied at its group's threshold it
+    keeps: the rows of group ``g`` take its ``keep_equal[g]`` tied places in order, each at most
+    its ``tied(r)`` tied entries. A group's last row takes what is left, so with one row per
+    group (every ordinary model) nothing is counted."""
+    quota = []
+    for r, g in enumerate(groups.row_group):
+        if r == 0 or groups.row_group[r - 1] != g:
+            left = _at(keep_equal, g)
+        take = left
+        if r + 1 < len(groups.row_group) and groups.row_group[r + 1] == g:
+            take = counts.minimum(left, tied(r))
+            left = counts.sub(left, take)
+        quota.append(counts.to_int32(take))
     return jnp.stack(quota)
 
 
@@ -216,20 +218,24 @@ def _break_ties(keys, t, keep_equal: counts.Count, groups: _Groups):
     """Keep keys > t, and the first ``keep_equal`` keys == t of each group by position (leaf
     order, then flat index).
 
-    The group's leaves take the tied places in leaf order, each as many as it has tied entries
-    (exact counts, so a group may span any number of positions); a leaf's first ones are then
-    found by the same radix select, one group per leaf, on keys that decrease with flat index.
+    The group's histogram rows take its tied places in order, each as many as it has tied
+    entries (exact counts, so a group may span any number of positions); the first ones of each
+    row are then found by the same radix select, one group per row, on keys that decrease with
+    the position in the row (below 2**31).
     """
-    quota = _tie_quotas(keep_equal, groups, lambda i: jnp.sum(keys[i] == t[groups.group_of[i]], dtype=jnp.int32))
-    position_keys = []  # leaf size - flat index for tied entries (>= 1), 0 for the others
-    for u, g in zip(keys, groups.group_of):
+    tied = lambda r: sum(
+        jnp.sum(u == t[g], dtype=jnp.int32) for u, g, row in zip(keys, groups.group_of, groups.row_of) if row == r
+    )
+    quota = _tie_quotas(keep_equal, groups, tied)
+    position_keys = []  # row size - position in the row for tied entries (>= 1), 0 for the others
+    for u, g, r, offset in zip(keys, groups.group_of, groups.row_of, groups.offset):
         position = lax.iota(jnp.uint32, u.size).reshape(u.shape)
-        position_keys.append(jnp.where(u == t[g], jnp.uint32(u.size) - position, jnp.uint32(0)))
-    per_leaf = _Groups([u.size for u in keys], range(len(keys)))
-    cut, _, _ = _kth_largest_keys(position_keys, counts.narrow(jnp.maximum(quota, 1)), per_leaf)
+        position_keys.append(jnp.where(u == t[g], jnp.uint32(groups.row_sizes[r] - offset) - position, jnp.uint32(0)))
+    by_row = _Groups([u.size for u in keys], groups.row_of)  # one row per group: narrow
+    cut, _, _ = _kth_largest_keys(position_keys, counts.narrow(jnp.maximum(quota, 1)), by_row)
     return [
-        (u > t[g]) | ((p >= cut[i]) & (quota[i] > 0))
-        for i, (u, p, g) in enumerate(zip(keys, position_keys, groups.group_of))
+        (u > t[g]) | ((p >= cut[r]) & (quota[r] > 0))
+        for u, p, g, r in zip(keys, position_keys, groups.group_of, groups.row_of)
     ]
 
 
@@ -279,10 +285,12 @@ def select_top_k(scores: Sequence[jax.Array], ks, group_of: Sequence[int], where
                 masks[i] = m
         return masks
     keys = [score_keys(s, None if where is None else w) for s, w in zip(scores, where or scores)]
-    return _select_keys(keys, ks, group_of, where)
+    return _select_keys(keys, ks, group_of, eligibility=where is not None)
 
 
-def _select_keys(keys, ks, group_of, where=None, shared=False):
+def _select_keys(keys, ks, group_of, eligibility=False, shared=False):
+    """Masks of the top ``ks`` keys per group. ``eligibility``: some keys are the ineligible key
+    0, never selected. ``shared``: every group searches the one array ``keys[0]``."""
     groups = _Groups([int(u.size) for u in keys], group_of)
     if not any(u.size for u in keys):
         return [jnp.zeros(u.shape, bool) for u in keys]
@@ -294,12 +302,18 @@ def _select_keys(keys, ks, group_of, where=None, shared=False):
     none = counts.eq(ks, 0)
     t = jnp.where(none, jnp.uint32(0xFFFFFFFF), t)  # no key reaches it (+inf maps below)
     keep_equal = counts.where(none, 0, keep_equal)
-    at_or_above = [u >= t[g] for u, g in zip(keys, groups.group_of)]
+
+    def eligible_only(masks):  # ineligible entries have key 0: drop them in the same pass
+        return [m & (u != _INELIGIBLE) for m, u in zip(masks, keys)] if eligibility else masks
+
     # No tie to break when every tied entry fits, when nothing is kept, or when the threshold is
-    # the ineligible key (every eligible entry is kept; eligibility below drops the others).
+    # the ineligible key (every eligible entry is kept, and only those).
     exact = counts.eq(keep_equal, n_equal) | none | (t == _INELIGIBLE)
-    masks = lax.cond(jnp.all(exact), lambda: at_or_above, lambda: _break_ties(keys, t, keep_equal, groups))
-    return masks if where is None else [m & w for m, w in zip(masks, where)]
+    return lax.cond(
+        jnp.all(exact),
+        lambda: eligible_only([u >= t[g] for u, g in zip(keys, groups.group_of)]),
+        lambda: eligible_only(_break_ties(keys, t, keep_equal, groups)),
+    )
 
 
 def top_k_masks(scores: Sequence[jax.Array], k, where=None) -> list[jax.Array]:
@@ -349,7 +363,7 @@ def top_k_masks_nested(scores: jax.Array, ks: Sequence, where=None) -> list[jax.
     keys = score_keys(scores, where)
     return _select_keys(
         [keys] * len(ks), counts.stack([counts.count(k) for k in ks]), list(range(len(ks))),
-        None if where is None else [where] * len(ks), shared=True,
+        eligibility=where is not None, shared=True,
     )
 
 

@@ -190,6 +190,7 @@ def test_rows_of_a_large_group():
     # A row holds consecutive leaves of one group, fewer than 2**31 entries in all.
     groups = selection._Groups([2**30, 2**30 - 1, 2**30, 2**30, 2**30, 2**31 - 1, 7], [0, 0, 0, 1, 1, 1, 0])
     assert groups.row_group == [0, 0, 1, 1, 1] and groups.row_of == [0, 0, 1, 2, 3, 4, 1]
+    assert groups.offset == [0, 2**30, 0, 0, 0, 0, 2**30] and groups.row_sizes == [2**31 - 1, 2**30 + 7, 2**30, 2**30, 2**31 - 1]
     assert groups.wide and groups.totals == [3 * 2**30 + 6, 2**31 + 2**31 - 1]
     assert not selection._Groups([2**30, 2**30 - 1], [0, 0]).wide
 
@@ -208,12 +209,17 @@ def test_rank_arithmetic_beyond_2_32_entries():
 
 
 def test_ties_shared_out_over_more_than_2_32_positions():
-    # Four leaves of 2**31 - 1 entries in one group, all tied: the first leaves take all theirs.
+    # Four rows of 2**31 - 1 entries in one group, all tied: the first rows take all theirs.
     groups = selection._Groups([2**31 - 1] * 4 + [10], [0, 0, 0, 0, 1])
     keep_equal = counts.count([3 * (2**31 - 1) + 10, 4])
-    tied = lambda i: jnp.int32(2**31 - 1 if i < 4 else 10)
-    quota = selection._tie_quotas(keep_equal, groups, tied)
-    assert list(np.asarray(quota)) == [2**31 - 1] * 3 + [10, 4]
+    asked = []
+
+    def tied(r):
+        asked.append(r)
+        return jnp.int32(2**31 - 1)
+
+    assert list(np.asarray(selection._tie_quotas(keep_equal, groups, tied))) == [2**31 - 1] * 3 + [10, 4]
+    assert asked == [0, 1, 2]  # a group's last row takes what is left, uncounted
     quota = selection._tie_quotas(counts.count([2**31 + 5, 0]), groups, tied)
     assert list(np.asarray(quota)) == [2**31 - 1, 6, 0, 0, 0]
 
