@@ -8,6 +8,8 @@ radix select over histograms instead:
 
 1. Scores are mapped to ``uint32`` keys whose integer order is the float order (:func:`score_keys`):
    NaN just below -inf, and entries outside ``where`` (ineligible) below everything, at key 0.
+   Callers mark the entries that may be chosen with ``where`` rather than with -inf scores, so
+   an eligible entry scored NaN still ranks above every ineligible one.
 2. A histogram of the keys' top 16 bits (one scatter-add pass) locates the bucket holding the
    k-th largest key and how many keys lie above that bucket.
 3. A histogram of the low 16 bits of the keys in that bucket (a second pass) gives the key
@@ -27,8 +29,10 @@ with hundreds of leaves compiles a handful of scatters, not hundreds of searches
 its histograms are exact ``int32`` scatters. A group may hold far more (global pruning of an LLM):
 its leaves are then spread over several histogram rows of fewer than 2**31 entries each, and
 the small ``(groups, bins)`` histograms, their cumulative sums, ``k`` and the ranks are exact
-64-bit :mod:`jaxsparse.counts`. When every group fits one row (every ordinary model) the counts
-are narrow and this is plain 32-bit arithmetic; the choice is static.
+64-bit :mod:`jaxsparse.counts`. Tied places are shared out over a group's rows in order, and
+position keys count within a row, so tie order stays exact past 2**32 positions. When every
+group fits one row (every ordinary model) the counts are narrow and this is plain 32-bit
+arithmetic; the choice is static.
 
 **Two algorithms.** :func:`top_k_per_column` (SRigL's per-neuron selection: many short columns,
 each with its own ``k``) builds each column's threshold bit by bit with 32 compare-and-count
