@@ -44,14 +44,16 @@ class Count(NamedTuple):
 
 
 def count(x) -> Count:
-    """``x`` as a :class:`Count`: a Python int or a sequence of them, a numpy or JAX integer,
-    bool or floating array (float values must be integral), or a Count (returned as it is).
+    """``x`` as a :class:`Count`: a Python int, a numpy or JAX integer, bool or floating array
+    (float values must be integral), a list of any of these (stacked), or a Count (as it is).
 
     Negative values count as 0 (budgets computed as differences clip there). Python ints become
     constants XLA folds; an array of 32-bit integers gets a constant zero ``hi`` word.
     """
     if isinstance(x, Count):
         return x
+    if isinstance(x, (list, tuple)) and not all(isinstance(v, (int, np.integer)) for v in x):
+        return stack([count(v) for v in x])  # traced entries
     if isinstance(x, (int, np.integer, list, tuple)) or (isinstance(x, np.ndarray) and x.dtype.kind in "iub"):
         # Exact host arithmetic on Python ints (object arrays), whatever their size.
         v = np.maximum(np.asarray(x, dtype=object), 0)
@@ -192,7 +194,7 @@ def sum(x, segment_ids=None, num_segments: int | None = None) -> Count:  # noqa:
 
 def stack(values, axis: int = 0) -> Count:
     """``jnp.stack`` of counts (or anything :func:`count` takes); narrow when all are narrow."""
-    values = [count(v) if not isinstance(v, Count) else v for v in values]
+    values = [count(v) for v in values]
     if all(v.hi is None for v in values):
         return Count(None, jnp.stack([v.lo for v in values], axis))
     return Count(jnp.stack([_hi(v) for v in values], axis), jnp.stack([v.lo for v in values], axis))

@@ -37,6 +37,7 @@ def test_arrays_and_floats():
     expected = [int(np.float32(f)) if f >= 0 else 0 for f in floats]
     assert value(counts.count(jnp.array(floats, jnp.float32))) == expected
     assert value(counts.count(jnp.array([7.9], jnp.float32))) == [7]  # floored
+    assert value(jax.jit(lambda k: counts.count([k, 2**33, counts.count(5)]))(jnp.int32(3))) == [3, 2**33, 5]
 
 
 @pytest.mark.parametrize("jit", [False, True])
