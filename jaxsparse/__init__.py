@@ -44,7 +44,7 @@ from jaxsparse.schedules import (
     one_shot_schedule,
     polynomial_schedule,
 )
-from jaxsparse.selection import top_k_mask, top_k_masks, top_k_masks_nested, top_k_masks_per_leaf
+from jaxsparse.selection import top_k_mask, top_k_masks, top_k_masks_nested, top_k_masks_per_leaf, top_k_per_column
 from jaxsparse.snfs import snfs
 from jaxsparse.srigl import srigl
 from jaxsparse.topkast import topkast
@@ -59,7 +59,7 @@ __all__ = [
     # distributions, schedules, scores, selection
     "Distribution", "uniform", "erk", "er",
     "SparsitySchedule", "polynomial_schedule", "constant_schedule", "one_shot_schedule", "cosine_drop_fraction",
-    "scores", "top_k_mask", "top_k_masks", "top_k_masks_per_leaf", "top_k_masks_nested",
+    "scores", "top_k_mask", "top_k_masks", "top_k_masks_per_leaf", "top_k_masks_nested", "top_k_per_column",
     # pruning
     "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning",
     "global_magnitude_pruning", "lamp_pruning", "static_sparse",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxsparse import counts
 from jaxsparse import scores as score_fns
 from jaxsparse.distributions import as_distribution, keep_count
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
@@ -41,15 +42,16 @@ __all__ = [
 
 
 def _keep_at(size: int, sparsity: float, fraction):
-    """Entries kept at schedule ``fraction``: ``size - floor(fraction * sparsity * size)``.
+    """Entries kept at schedule ``fraction``: ``size - floor(fraction * sparsity * size)``, an
+    exact :class:`~jaxsparse.counts.Count` (a pooled ``size`` may exceed int32).
 
     The final count comes from exact integer arithmetic, so float32 rounding cannot change the
     budget once the schedule is complete.
     """
     final_pruned = size - keep_count(size, sparsity)
-    pruned = jnp.floor(fraction * jnp.float32(sparsity * size)).astype(jnp.int32)
-    pruned = jnp.where(fraction >= 1.0, final_pruned, jnp.minimum(pruned, final_pruned))
-    return jnp.int32(size) - pruned
+    pruned = counts.count(jnp.floor(fraction * jnp.float32(sparsity * size)))
+    pruned = counts.where(fraction >= 1.0, final_pruned, counts.minimum(pruned, final_pruned))
+    return counts.sub(size, pruned)
 
 
 def _scores(score, inputs: TopologyInputs):
@@ -67,24 +69,25 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
 
     def update(inputs: TopologyInputs):
         fraction = schedule(inputs.step)
-        active_scores = [
-            jnp.where(m, s, -jnp.inf) for m, s in zip(inputs.masks, _scores(score, inputs))
-        ]
         active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
         # Group leaves: each leaf its own budget, except that global scope pools every leaf not
-        # fixed by an override into one group sharing one budget. One search serves all groups.
+        # fixed by an override into one group sharing one budget (exact counts: a pool may hold
+        # more than 2**31 weights). One search serves all groups.
         group_of, budgets = [], []
         pooled = [i for i, leaf in enumerate(inputs.plan) if global_sparsity is not None and not leaf.overridden]
         if pooled:
             size = sum(inputs.plan[i].size for i in pooled)
-            budgets.append(jnp.minimum(_keep_at(size, global_sparsity, fraction), sum(active[i] for i in pooled)))
+            pooled_active = counts.sum(jnp.stack([active[i] for i in pooled]))
+            budgets.append(counts.minimum(_keep_at(size, global_sparsity, fraction), pooled_active))
         for i, leaf in enumerate(inputs.plan):
             if i in pooled:
                 group_of.append(0)
             else:
                 group_of.append(len(budgets))
-                budgets.append(jnp.minimum(_keep_at(leaf.size, leaf.sparsity, fraction), active[i]))
-        return select_top_k(active_scores, jnp.stack(budgets), group_of), inputs.aux
+                budgets.append(counts.minimum(_keep_at(leaf.size, leaf.sparsity, fraction), active[i]))
+        # Only active entries are eligible, so a pruned entry never comes back.
+        new = select_top_k(_scores(score, inputs), counts.stack(budgets), group_of, where=inputs.masks)
+        return new, inputs.aux
 
     return Topology(
         init=lambda inputs: (inputs.masks, ()),

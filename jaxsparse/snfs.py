@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsparse import counts
 from jaxsparse.distributions import uniform
 from jaxsparse.dst import drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
 from jaxsparse.masks import random_masks
@@ -48,24 +49,31 @@ def allocate(total, weights, caps):
     Proportional rounds (floored) give each share at most its cap; a capped share drops out and
     the rest is re-split among the others, as in the sparse momentum reference code. What the
     flooring leaves (fewer than one per share) goes to the open shares in order. All arithmetic
-    is traced, with static shapes.
+    is traced, with static shapes. ``total`` (an int, an int32 scalar or a
+    :class:`~jaxsparse.counts.Count`) may exceed int32, the drops of a whole large model; each
+    share is below 2**31 (``caps`` are int32).
     """
     weights = jnp.maximum(jnp.asarray(weights, jnp.float32), 0.0)
     caps = jnp.asarray(caps, jnp.int32)
     alloc = jnp.zeros_like(caps)
-    remaining = jnp.asarray(total, jnp.int32)
+    remaining = counts.count(total)
 
     def clip_in_order(add, remaining):
-        # Never hand out more than what remains, even if float rounding overshoots.
-        before = jnp.cumsum(add) - add
-        return jnp.clip(remaining - before, 0, add)
+        # Never hand out more than what remains, even if float rounding overshoots: a share gets
+        # at most what the shares before it leave.
+        before = counts.sub(counts.cumsum(counts.count(add)), add)
+        left = counts.where(counts.ge(remaining, before), counts.sub(remaining, before), 0)
+        return counts.to_int32(counts.minimum(left, add))
 
     for _ in range(len(caps)):  # a share capped in one round drops out of the next
+        room = caps - alloc
         w = jnp.where(alloc < caps, weights, 0.0)
         total_w = jnp.sum(w)
-        share = jnp.where(total_w > 0, jnp.floor(remaining.astype(jnp.float32) * w / jnp.where(total_w > 0, total_w, 1.0)), 0.0)
-        add = clip_in_order(jnp.minimum(share.astype(jnp.int32), caps - alloc), remaining)
-        alloc, remaining = alloc + add, remaining - jnp.sum(add)
+        share = jnp.where(total_w > 0, jnp.floor(counts.to_float32(remaining) * w / jnp.where(total_w > 0, total_w, 1.0)), 0.0)
+        # Compare in float before converting: a share of a wide total may not fit int32 (one
+        # below the room in float is below it as an integer, so it fits).
+        add = clip_in_order(jnp.where(share < room.astype(jnp.float32), share.astype(jnp.int32), room), remaining)
+        alloc, remaining = alloc + add, counts.sub(remaining, counts.sum(add))
     add = clip_in_order(caps - alloc, remaining)
     return alloc + add
 
@@ -90,7 +98,7 @@ def _snfs_topology(drop_fraction, anneal, end_step, update_every, momentum, regr
         mean_speed = jnp.stack(
             [jnp.sum(jnp.where(m, s, 0.0)) / jnp.maximum(n, 1) for m, s, n in zip(inputs.masks, speed, active)]
         )
-        grows = allocate(sum(drops), mean_speed, caps)
+        grows = allocate(counts.sum(jnp.stack(drops)), mean_speed, caps)  # exact: may exceed int32
         magnitudes = [jnp.abs(p) for p in inputs.params]
         new, _, _ = drop_and_grow(
             inputs.masks, magnitudes, speed, drops, [grows[i] for i in range(len(active))], regrow_dropped=regrow_dropped

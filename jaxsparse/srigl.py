@@ -38,7 +38,8 @@ from jax import lax
 
 from jaxsparse.distributions import erk
 from jaxsparse.dst import _finite, drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
-from jaxsparse.selection import score_keys, top_k_mask
+from jaxsparse.selection import top_k_mask
+from jaxsparse.selection import top_k_per_column as neuron_top_k  # re-exported: the per-neuron selection
 from jaxsparse.core import LeafPlan, Topology, TopologyInputs, sparsifier
 
 __all__ = ["srigl", "fan_in_counts", "neuron_top_k"]
@@ -59,37 +60,6 @@ def _from_matrix(m, shape, output_axis: int):
 def fan_in_counts(mask, output_axis: int = -1):
     """Nonzeros per output neuron of a mask (its fan-in), a vector of length ``n_out``."""
     return jnp.sum(_as_matrix(mask, output_axis), axis=0, dtype=jnp.int32)
-
-
-def neuron_top_k(scores, ks):
-    """Per column of ``scores`` ``(fan_in, n_out)``, a mask of its ``ks[j]`` largest entries
-    (``ks`` clipped to ``[0, fan_in]``), exact, ties to the lowest row.
-
-    All columns are searched at once by building each column's k-th largest order key bit by
-    bit from the top (32 compare-and-count passes, no sort, static shapes): the key ``t`` is the
-    largest with at least ``k`` keys ``>= t``. Entries above ``t`` are kept, then entries equal
-    to ``t`` in row order up to ``k``.
-    """
-    keys = score_keys(scores)
-    ks = jnp.clip(jnp.asarray(ks, jnp.int32), 0, scores.shape[0])
-
-    def add_bit(i, prefix):
-        candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        enough = jnp.sum(keys >= candidate, axis=0, dtype=jnp.int32) >= ks
-        return jnp.where(enough, candidate, prefix)
-
-    threshold = lax.fori_loop(0, 32, add_bit, jnp.zeros(scores.shape[1], jnp.uint32))
-    above = keys > threshold
-    ties = keys == threshold
-    quota = ks - jnp.sum(above, axis=0, dtype=jnp.int32)
-    # The row-order cumsum costs as much as the search on CPU; it is needed only when some
-    # column has more entries tied at its threshold than places left for them.
-    chosen = lax.cond(
-        jnp.all(jnp.sum(ties, axis=0, dtype=jnp.int32) <= quota),
-        lambda: above | ties,
-        lambda: above | (ties & (jnp.cumsum(ties, axis=0, dtype=jnp.int32) <= quota)),
-    )
-    return chosen & (ks > 0)
 
 
 def _fan_in(leaf: LeafPlan, output_axis: int):

@@ -142,3 +142,42 @@ def test_bad_arguments_raise():
         js.pruning(optax.sgd(0.1), score=js.scores.magnitude, sparsity=0.5, scope="model")
     with pytest.raises(ValueError, match="update_every must be a positive int; got -2"):
         js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, update_every=-2)
+
+
+def test_nan_scores_on_active_weights_never_revive_pruned_ones():
+    # A score that is NaN at random positions (new ones at every update) on active weights: NaN
+    # ranks lowest among the active entries, never below the pruned ones, so a pruned entry never
+    # comes back and every leaf keeps exactly its scheduled budget.
+    def nan_magnitude(param, grad, key):
+        return jnp.where(jax.random.uniform(key, param.shape) < 0.5, jnp.nan, jnp.abs(param))
+
+    sched = js.polynomial_schedule(begin_step=0, end_step=12, power=1)
+    tx = js.pruning(optax.sgd(0.0), score=nan_magnitude, sparsity=0.9, schedule=sched, update_every=3)
+    params = mlp_params()
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    sizes = {"Dense_0/kernel": 12 * 16, "Dense_1/kernel": 16 * 3}
+    previous = js.get_masks(state)
+    for t in range(14):
+        _, state = step(params, state, jax.tree.map(jnp.zeros_like, params))
+        current = js.get_masks(state)
+        revived = [bool(np.any(np.asarray(new) & ~np.asarray(old))) for old, new in zip(jax.tree.leaves(previous), jax.tree.leaves(current))]
+        assert not any(revived), f"a pruned entry came back at step {t}"
+        fraction = min(t // 3 * 3, 12) / 12
+        assert counts(state) == {k: expected_keep(n, 0.9, fraction) for k, n in sizes.items()}, t
+        previous = current
+
+
+def test_pooled_budget_is_exact_at_2_40_weights():
+    from jaxsparse import counts
+    from jaxsparse.pruning import _keep_at
+
+    size = 2**40 + 12345
+    final = size - math.floor(0.9 * size)
+    keep = jax.jit(lambda f: _keep_at(size, 0.9, f))
+    assert int(counts.to_numpy(keep(jnp.float32(1.0)))) == final
+    assert int(counts.to_numpy(keep(jnp.float32(0.0)))) == size
+    # Intermediate schedule points: float32 arithmetic, never beyond the final budget.
+    pruned = int(np.floor(np.float32(0.5) * np.float32(0.9 * size)))
+    assert int(counts.to_numpy(keep(jnp.float32(0.5)))) == size - pruned
+    assert int(counts.to_numpy(keep(jnp.float32(0.99999)))) >= final

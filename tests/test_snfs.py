@@ -27,6 +27,29 @@ def test_allocate_is_exact_proportional_and_capped():
         assert out.sum() == total and np.all(out <= caps) and np.all(out >= 0), out
 
 
+
+def test_allocate_totals_beyond_int32():
+    # The drops of a model with billions of weights: the total exceeds 2**31, each share fits.
+    from jaxsparse import counts
+
+    caps = jnp.full((4,), 2**31 - 1, jnp.int32)
+    for total, weights in [
+        (3 * 2**31 + 7, [1.0, 2.0, 3.0, 4.0]),  # the largest share is capped, its excess re-split
+        (2**31 + 1, [1.0, 1.0, 1.0, 1.0]),
+        (4 * (2**31 - 1), [0.0, 0.0, 5.0, 0.0]),  # every share full
+        (2**33, [1.0, 1.0, 1.0, 1.0]),  # more than all caps: each share its cap
+    ]:
+        out = np.asarray(jax.jit(lambda w, c: allocate(total, w, c))(jnp.array(weights), caps)).astype(np.int64)
+        assert out.sum() == min(total, 4 * (2**31 - 1)) and np.all(out >= 0) and np.all(out <= 2**31 - 1), (total, out)
+    alloc = jax.jit(allocate)
+    out = np.asarray(alloc(counts.count(3 * 2**31 + 7), jnp.array([1.0, 2.0, 3.0, 4.0]), caps)).astype(np.int64)
+    assert out[3] == 2**31 - 1 and out[0] < out[1] < out[2]
+    # The total can come straight from the int32 drops of the leaves.
+    drops = jnp.full((3,), 2**31 - 1, jnp.int32)
+    out = np.asarray(alloc(counts.sum(drops), jnp.array([1.0, 1.0, 1.0]), jnp.full((3,), 2**31 - 1, jnp.int32)))
+    assert out.astype(np.int64).sum() == 3 * (2**31 - 1)
+
+
 def linear_loss(params, x, y):
     # Constant gradients: 100x larger on "a" than on "b".
     del y
