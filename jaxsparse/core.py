@@ -37,6 +37,7 @@ from jax import lax
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
 from jaxsparse.leaves import match_overrides, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, check_structure, is_none, map_masked
+from jaxsparse.selection import check_leaf_size
 
 __all__ = [
     "SparsifierState",
@@ -187,9 +188,8 @@ def plan_leaves(params, sparsity, *, include=None, exclude=None, overrides=None)
         s = fixed[name] if name in fixed else solved[name]
         if s is None:
             continue
-        size = 1
-        for d in shapes[name]:
-            size *= int(d)
+        check_leaf_size(name, shapes[name])
+        size = math.prod(int(d) for d in shapes[name])
         plan.append(LeafPlan(name, shapes[name], float(s), keep_count(size, s), name in fixed))
     return tuple(plan)
 

@@ -136,12 +136,6 @@ def drop_count(active, size: int, fraction, *, regrow_dropped: bool = True):
     return jnp.clip(d, 0, active if regrow_dropped else jnp.minimum(active, size - active))
 
 
-def _finite(scores):
-    """Scores with NaN and infinities mapped to finite extremes, so -inf can mark excluded entries."""
-    big = jnp.finfo(jnp.float32).max
-    return jnp.nan_to_num(scores.astype(jnp.float32), nan=-big, posinf=big, neginf=-big)
-
-
 def _magnitudes(x):
     """Scores as non-negative finite float32: NaN and negative values count as 0."""
     return jnp.clip(jnp.nan_to_num(x.astype(jnp.float32), nan=0.0), 0.0, jnp.finfo(jnp.float32).max)

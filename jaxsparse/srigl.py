@@ -37,7 +37,7 @@ import optax
 from jax import lax
 
 from jaxsparse.distributions import erk
-from jaxsparse.dst import _finite, drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
+from jaxsparse.dst import drop_and_grow, drop_count, at_update, dst_update_steps, update_fractions, paper_distribution
 from jaxsparse.selection import top_k_mask
 from jaxsparse.selection import top_k_per_column as neuron_top_k  # re-exported: the per-neuron selection
 from jaxsparse.core import LeafPlan, Topology, TopologyInputs, sparsifier
@@ -111,13 +111,13 @@ def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axi
         # A neuron has more kept weights than the fan-in only when revived neurons lower it.
         keep = lax.cond(
             jnp.any(kept_per_neuron > fan),
-            lambda: neuron_top_k(jnp.where(kept, magnitude, -jnp.inf), n_keep),
+            lambda: neuron_top_k(magnitude, n_keep, where=kept),
             lambda: kept & active,
         )
         # Growth prefers positions inactive before the update (scored by |g| >= 0); a weight
         # dropped in step 1 (-1) is taken back only when a neuron has too few of them.
-        grow_scores = jnp.where(keep, -jnp.inf, jnp.where(m, -1.0, _finite(gradient)))
-        grown = neuron_top_k(grow_scores, jnp.where(active, fan - n_keep, 0))
+        grow_scores = jnp.where(m, -1.0, gradient)
+        grown = neuron_top_k(grow_scores, jnp.where(active, fan - n_keep, 0), where=~keep)
         return _from_matrix(keep | grown, leaf.shape, output_axis)
 
     def update(inputs: TopologyInputs):
@@ -127,9 +127,10 @@ def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axi
         gradient = [_as_matrix(jnp.abs(x), output_axis) for x in inputs.grads]
         counts = [jnp.sum(x, axis=0, dtype=jnp.int32) for x in m]
         nnz = [jnp.sum(c) for c in counts]
-        d = [drop_count(n, leaf.size, fraction) for n, leaf in zip(nnz, inputs.plan)]
-        # 1. RigL's layer-wise selection: kept weights and growth candidates.
-        _, kept, candidates = drop_and_grow(m, magnitude, gradient, d, d)
+        d = [drop_count(n, leaf.size, fraction, regrow_dropped=False) for n, leaf in zip(nnz, inputs.plan)]
+        # 1. RigL's layer-wise selection: kept weights and growth candidates (among positions
+        # inactive before the update; step 3 decides what a just-dropped weight gets).
+        _, kept, candidates = drop_and_grow(m, magnitude, gradient, d, d, regrow_dropped=False)
         return [
             neuron_update(leaf, *args) for leaf, *args in zip(inputs.plan, m, magnitude, gradient, counts, kept, candidates)
         ], inputs.aux

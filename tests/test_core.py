@@ -292,3 +292,12 @@ def test_errors_for_restored_states_and_other_containers():
     state = tx.init(FrozenDict(params))
     with pytest.raises(ValueError, match="in other containers.*FrozenDict"):
         tx.update(grads, state, params)
+
+
+def test_a_leaf_too_large_for_selection_is_named_at_init():
+    params = {"embed": jax.ShapeDtypeStruct((2**16, 2**15 + 1), jnp.float32), "w": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+    with pytest.raises(ValueError, match=r"leaf 'embed' of shape \(65536, 32769\) has 2147549184 entries"):
+        jax.eval_shape(js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5).init, params)
+    # Excluded, it stays dense and the rest is sparsified.
+    state = jax.eval_shape(js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, exclude="embed").init, params)
+    assert state.masks["embed"] is None and state.masks["w"].shape == (8, 8)
