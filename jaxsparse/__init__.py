@@ -39,7 +39,6 @@ from jaxsparse.rigl import dynamic_sparse, rigl, set_sparse
 from jaxsparse.report import SparsityPreview, SparsityReport, preview_sparsity, sparsity_report
 from jaxsparse.schedules import (
     SparsitySchedule,
-    constant_schedule,
     cosine_drop_fraction,
     one_shot_schedule,
     polynomial_schedule,
@@ -58,7 +57,7 @@ __all__ = [
     "leaf_paths", "path_to_str", "select_leaves",
     # distributions, schedules, scores, selection
     "Distribution", "uniform", "erk", "er",
-    "SparsitySchedule", "polynomial_schedule", "constant_schedule", "one_shot_schedule", "cosine_drop_fraction",
+    "SparsitySchedule", "polynomial_schedule", "one_shot_schedule", "cosine_drop_fraction",
     "scores", "top_k_mask", "top_k_masks", "top_k_masks_per_leaf", "top_k_masks_nested", "top_k_per_column",
     # pruning
     "pruning", "magnitude_pruning", "random_pruning", "saliency_pruning",

@@ -13,13 +13,17 @@ Every preset is :func:`jaxsparse.core` with a pruning topology:
 
 At an update step with schedule fraction ``f``, a leaf of size ``N`` at target ``s`` keeps
 ``N - floor(f * s * N)`` entries (exactly ``N - floor(s * N)`` once ``f = 1``), chosen among the
-entries it still has, so pruned entries never come back.
+entries it still has, so pruned entries never come back. The counts of every update step are
+computed exactly on the host when the step is traced (one integer per leaf per update step).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxsparse import counts
@@ -41,17 +45,19 @@ __all__ = [
 ]
 
 
-def _keep_at(size: int, sparsity: float, fraction):
-    """Entries kept at schedule ``fraction``: ``size - floor(fraction * sparsity * size)``, an
-    exact :class:`~jaxsparse.counts.Count` (a pooled ``size`` may exceed int32).
+def keep_table(size: int, sparsity: float, fractions) -> list[int]:
+    """Entries a leaf (or pooled group) of ``size`` entries keeps at each schedule fraction:
+    ``size - floor(f * sparsity * size)``, exact Python ints computed on the host.
 
-    The final count comes from exact integer arithmetic, so float32 rounding cannot change the
-    budget once the schedule is complete.
+    Once ``f = 1`` it is exactly the final budget ``size - floor(sparsity * size)``; before, at
+    most that many entries are pruned, so float rounding never overshoots the target.
     """
     final_pruned = size - keep_count(size, sparsity)
-    pruned = counts.count(jnp.floor(fraction * jnp.float32(sparsity * size)))
-    pruned = counts.where(fraction >= 1.0, final_pruned, counts.minimum(pruned, final_pruned))
-    return counts.sub(size, pruned)
+    table = []
+    for f in np.asarray(fractions, np.float64).tolist():
+        pruned = final_pruned if f >= 1.0 else min(math.floor(f * sparsity * size), final_pruned)
+        table.append(size - pruned)
+    return table
 
 
 def _scores(score, inputs: TopologyInputs):
@@ -64,11 +70,15 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
     """Topology that prunes active entries by ``score`` to the scheduled budget.
 
     ``global_sparsity`` None: each leaf to its own target. A float: leaves not fixed by an
-    override share one budget at that sparsity (global selection).
+    override share one budget at that sparsity (global selection). The budgets of every update
+    step are tabulated on the host (:func:`keep_table`); the step looks its row up.
     """
+    is_update_step = periodic_updates(update_every, schedule.begin_step, schedule.end_step)  # checks update_every
+    steps = schedule.update_steps(update_every)
+    fractions = schedule.fractions(steps)
 
     def update(inputs: TopologyInputs):
-        fraction = schedule(inputs.step)
+        row = jnp.searchsorted(jnp.asarray(steps, jnp.int32), inputs.step)  # steps are update steps
         active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
         # Group leaves: each leaf its own budget, except that global scope pools every leaf not
         # fixed by an override into one group sharing one budget (exact counts: a pool may hold
@@ -76,15 +86,16 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
         group_of, budgets = [], []
         pooled = [i for i, leaf in enumerate(inputs.plan) if global_sparsity is not None and not leaf.overridden]
         if pooled:
-            size = sum(inputs.plan[i].size for i in pooled)
+            table = counts.count(keep_table(sum(inputs.plan[i].size for i in pooled), global_sparsity, fractions))
             pooled_active = counts.sum(jnp.stack([active[i] for i in pooled]))
-            budgets.append(counts.minimum(_keep_at(size, global_sparsity, fraction), pooled_active))
+            budgets.append(counts.minimum(jax.tree.map(lambda words: jnp.asarray(words)[row], table), pooled_active))
         for i, leaf in enumerate(inputs.plan):
             if i in pooled:
                 group_of.append(0)
             else:
                 group_of.append(len(budgets))
-                budgets.append(counts.minimum(_keep_at(leaf.size, leaf.sparsity, fraction), active[i]))
+                table = jnp.asarray(keep_table(leaf.size, leaf.sparsity, fractions), jnp.int32)  # a leaf < 2**31
+                budgets.append(jnp.minimum(table[row], active[i]))
         # Only active entries are eligible, so a pruned entry never comes back.
         new = select_top_k(_scores(score, inputs), counts.stack(budgets), group_of, where=inputs.masks)
         return new, inputs.aux
@@ -92,7 +103,7 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
     return Topology(
         init=lambda inputs: (inputs.masks, ()),
         update=update,
-        is_update_step=periodic_updates(update_every, schedule.begin_step, schedule.end_step),
+        is_update_step=is_update_step,
     )
 
 
@@ -122,17 +133,24 @@ def pruning(
       score: ``score(param, grad, key) -> array``; higher is kept.
       sparsity: final sparsity, a float or a distribution (``erk(0.9)``); with
         ``scope="global"`` a float (the sparsity of all non-overridden leaves together).
-      schedule: fraction of the final sparsity reached per step, with its update window
-        (default: one-shot at step 0).
+      schedule: a :class:`~jaxsparse.schedules.SparsitySchedule`: the fraction of the final
+        sparsity reached per step, with its update window (default: one-shot at step 0). Any
+        optax schedule works wrapped with its window,
+        ``js.SparsitySchedule(optax.linear_schedule(0.0, 1.0, 4_000), begin_step=0, end_step=4_000)``;
+        it is evaluated on the host at every update step, where the budgets are computed exactly.
       update_every: steps between topology updates inside the schedule's window.
       scope: ``"layer"`` (each leaf to its own target) or ``"global"`` (one threshold).
       include, exclude, overrides, seed: see :func:`jaxsparse.core`.
     """
     schedule = one_shot_schedule(0) if schedule is None else schedule
     if not isinstance(schedule, SparsitySchedule):
+        hint = (
+            "; for a plain step -> fraction function such as an optax schedule, give its window: "
+            "js.SparsitySchedule(fn, begin_step=..., end_step=...)" if callable(schedule) else ""
+        )
         raise ValueError(
-            f"schedule must be a jaxsparse SparsitySchedule (polynomial_schedule, one_shot_schedule, "
-            f"constant_schedule); got {schedule!r}"
+            f"schedule must be a jaxsparse SparsitySchedule (polynomial_schedule, one_shot_schedule, or any "
+            f"function with its window){hint}; got {schedule!r}"
         )
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global'; got {scope!r}")

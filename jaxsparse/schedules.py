@@ -1,20 +1,33 @@
-"""Schedules: optax-style ``step -> value`` functions that drive topology updates.
+"""Schedules: ``step -> value`` functions that drive topology updates.
 
-A :class:`SparsitySchedule` gives the fraction of the final sparsity reached at a step, and
-carries the window ``[begin_step, end_step]`` in which topology updates happen (so a sparsifier
-can skip update steps outside it). Dynamic sparse training uses :func:`cosine_drop_fraction`.
+A :class:`SparsitySchedule` is any ``step -> fraction`` function (an optax schedule, or one of the
+builders here) together with its *window* ``[begin_step, end_step]``: the fraction of the final
+sparsity reached at a step, and the steps in which pruning updates the topology. Pruning
+evaluates the fraction on the host at every update step of the window and turns it into exact
+integer budgets there (:meth:`SparsitySchedule.fractions`), so the jit-compiled step only looks
+its budget up; float32 rounding never changes a count.
+
+- :func:`polynomial_schedule`: Zhu & Gupta's gradual pruning (cubic by default).
+- :func:`one_shot_schedule`: all at once at one step.
+- ``SparsitySchedule(optax.linear_schedule(0.0, 1.0, 5_000, 1_000), begin_step=1_000, end_step=6_000)``:
+  any optax schedule with its window.
+
+Dynamic sparse training takes a drop fraction instead: a float with
+``drop_fraction_anneal="constant"`` or ``"cosine"`` (:func:`cosine_drop_fraction` is RigL's
+decay), or any ``step -> fraction`` function.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "SparsitySchedule",
     "polynomial_schedule",
-    "constant_schedule",
     "one_shot_schedule",
     "cosine_drop_fraction",
 ]
@@ -22,23 +35,34 @@ __all__ = [
 
 def _check_window(begin_step, end_step):
     for name, v in (("begin_step", begin_step), ("end_step", end_step)):
-        if v is not None and (not isinstance(v, (int,)) or isinstance(v, bool) or v < 0):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{name} must be a non-negative int; got {v!r}")
-    if end_step is not None and end_step < begin_step:
+    if end_step < begin_step:
         raise ValueError(f"end_step ({end_step}) precedes begin_step ({begin_step})")
 
 
 class SparsitySchedule:
-    """``schedule(step)`` is the fraction (0..1) of the final sparsity reached at ``step``.
+    """A ``step -> fraction`` function (fraction of the final sparsity, in [0, 1]) with its window.
 
-    Attributes:
+    Args:
+      fn: any function of the step returning the fraction: an optax schedule, a lambda, or the
+        builders of this module. It is evaluated on the host, once per update step.
       begin_step: first step at which the topology is updated.
-      end_step: last step at which it is updated (``None``: never stops).
+      end_step: last step at which it is updated; it is always an update step, so the final
+        fraction (``fn(end_step)``, normally 1) is reached there.
+      name: for ``repr``.
+
+    ``schedule(step)`` evaluates ``fn`` (also traced); :meth:`fractions` is what the sparsifiers
+    use.
     """
 
-    def __init__(self, fn, begin_step: int, end_step: int | None, name: str):
+    def __init__(self, fn: Callable, begin_step: int, end_step: int, name: str | None = None, *, host_fn=None):
+        if not callable(fn):
+            raise ValueError(f"a SparsitySchedule needs a step -> fraction function; got {fn!r}")
         _check_window(begin_step, end_step)
-        self._fn, self.begin_step, self.end_step, self.name = fn, begin_step, end_step, name
+        self._fn, self._host_fn = fn, host_fn
+        self.begin_step, self.end_step = int(begin_step), int(end_step)
+        self.name = name or getattr(fn, "__name__", "schedule")
 
     def __call__(self, step):
         return self._fn(jnp.asarray(step, jnp.float32))
@@ -46,13 +70,33 @@ class SparsitySchedule:
     def __repr__(self):
         return f"{self.name}(begin_step={self.begin_step}, end_step={self.end_step})"
 
+    def update_steps(self, update_every: int) -> np.ndarray:
+        """The steps where pruning updates the topology: ``begin_step + j * update_every`` up to
+        ``end_step``, and ``end_step`` itself."""
+        steps = list(range(self.begin_step, self.end_step + 1, update_every))
+        if steps[-1] != self.end_step:
+            steps.append(self.end_step)
+        return np.asarray(steps, np.int64)
+
+    def fractions(self, steps) -> np.ndarray:
+        """``fn`` at each of ``steps``, on the host, as float64; a ValueError names a step whose
+        fraction is outside [0, 1]."""
+        values = []
+        for t in np.asarray(steps).tolist():
+            f = float(self._host_fn(float(t)) if self._host_fn is not None else self._fn(t))
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"{self!r} gives the fraction {f!r} at step {t}; fractions must be in [0, 1]")
+            values.append(f)
+        return np.asarray(values, np.float64)
+
 
 def polynomial_schedule(begin_step: int, end_step: int, power: float = 3.0) -> SparsitySchedule:
     """Gradual pruning schedule of Zhu & Gupta (2018), "To prune, or not to prune", ICLR-W.
 
     ``fraction(t) = 1 - (1 - p) ** power`` with ``p = clip((t - begin) / (end - begin), 0, 1)``:
     sparsity ``s_t = s * fraction(t)`` rises fast at first and levels off at ``s`` at ``end_step``.
-    ``begin_step == end_step`` gives one-shot pruning at that step.
+    ``begin_step == end_step`` gives one-shot pruning at that step. On the host (where the
+    sparsifiers evaluate it) the formula runs in float64.
     """
     _check_window(begin_step, end_step)
     power = float(power)
@@ -60,13 +104,18 @@ def polynomial_schedule(begin_step: int, end_step: int, power: float = 3.0) -> S
         raise ValueError(f"power must be > 0; got {power}")
     span = float(end_step - begin_step)
 
-    def fn(t):
-        if span == 0:
-            return jnp.where(t >= begin_step, 1.0, 0.0).astype(jnp.float32)
-        p = jnp.clip((t - begin_step) / span, 0.0, 1.0)
-        return 1.0 - (1.0 - p) ** power
+    def formula(xp):
+        def fn(t):
+            if span == 0:
+                return xp.where(t >= begin_step, 1.0, 0.0)
+            p = xp.clip((t - begin_step) / span, 0.0, 1.0)
+            return 1.0 - (1.0 - p) ** power
 
-    return SparsitySchedule(fn, begin_step, end_step, f"polynomial_schedule(power={power})")
+        return fn
+
+    return SparsitySchedule(
+        formula(jnp), begin_step, end_step, f"polynomial_schedule(power={power})", host_fn=formula(np)
+    )
 
 
 def one_shot_schedule(step: int = 0) -> SparsitySchedule:
@@ -74,23 +123,11 @@ def one_shot_schedule(step: int = 0) -> SparsitySchedule:
     return polynomial_schedule(step, step)
 
 
-def constant_schedule(begin_step: int = 0, end_step: int | None = None) -> SparsitySchedule:
-    """The full sparsity from ``begin_step`` on, updated until ``end_step`` (``None``: forever).
-
-    Used by methods that hold the target fixed and change which entries are kept (e.g. pruning
-    with a random or saliency score refreshed periodically).
-    """
-
-    def fn(t):
-        return jnp.where(t >= begin_step, 1.0, 0.0).astype(jnp.float32)
-
-    return SparsitySchedule(fn, begin_step, end_step, "constant_schedule")
-
-
 def cosine_drop_fraction(drop_fraction: float, end_step: int):
     """RigL's drop-fraction annealing (Evci et al., 2020): ``f(t) = d/2 * (1 + cos(pi * t / end_step))``.
 
-    Returns a ``step -> fraction`` function, 0 from ``end_step`` on (no topology change after it).
+    Returns a ``step -> fraction`` function, 0 from ``end_step`` on (no topology change after it);
+    it can be given as the ``drop_fraction`` of the dynamic sparse training presets.
     """
     if not 0.0 <= float(drop_fraction) <= 1.0:
         raise ValueError(f"drop_fraction must be in [0, 1]; got {drop_fraction!r}")

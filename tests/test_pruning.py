@@ -170,15 +170,40 @@ def test_nan_scores_on_active_weights_never_revive_pruned_ones():
 
 
 def test_pooled_budget_is_exact_at_2_40_weights():
-    from jaxsparse import counts
-    from jaxsparse.pruning import _keep_at
+    from jaxsparse.pruning import keep_table
 
     size = 2**40 + 12345
     final = size - math.floor(0.9 * size)
-    keep = jax.jit(lambda f: _keep_at(size, 0.9, f))
-    assert int(counts.to_numpy(keep(jnp.float32(1.0)))) == final
-    assert int(counts.to_numpy(keep(jnp.float32(0.0)))) == size
-    # Intermediate schedule points: float32 arithmetic, never beyond the final budget.
-    pruned = int(np.floor(np.float32(0.5) * np.float32(0.9 * size)))
-    assert int(counts.to_numpy(keep(jnp.float32(0.5)))) == size - pruned
-    assert int(counts.to_numpy(keep(jnp.float32(0.99999)))) >= final
+    assert keep_table(size, 0.9, [0.0, 1.0]) == [size, final]
+    # Intermediate schedule points: exact host arithmetic, never beyond the final budget.
+    assert keep_table(size, 0.9, [0.5]) == [size - math.floor(0.5 * 0.9 * size)]
+    assert keep_table(size, 0.9, [0.99999999])[0] >= final
+
+
+@pytest.mark.filterwarnings("ignore:jaxsparse. at step")  # params are held fixed on purpose
+def test_any_optax_schedule_with_its_window_and_exact_counts():
+    import optax as ox
+
+    sched = js.SparsitySchedule(ox.linear_schedule(0.0, 1.0, transition_steps=8, transition_begin=2), begin_step=2, end_step=10)
+    tx = js.magnitude_pruning(optax.sgd(0.05), sparsity=0.9, schedule=sched, update_every=3)
+    params = mlp_params()
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+    sizes = {"Dense_0/kernel": 12 * 16, "Dense_1/kernel": 16 * 3}
+    last = dict(sizes)
+    for t in range(13):
+        _, state = step(params, state, jax.tree.map(jnp.ones_like, params))
+        got = counts(state)
+        if t in (2, 5, 8, 10):  # begin + k * update_every, and end_step
+            f = float(sched._fn(t))
+            assert got == {k: n - min(math.floor(f * 0.9 * n), math.floor(0.9 * n)) for k, n in sizes.items()}, t
+        else:
+            assert got == last, t
+        last = got
+    assert got == {k: n - math.floor(0.9 * n) for k, n in sizes.items()}
+    # A bare function has no window: a clear error naming the fix.
+    with pytest.raises(ValueError, match=r"js.SparsitySchedule\(fn, begin_step=..., end_step=...\)"):
+        js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, schedule=ox.linear_schedule(0.0, 1.0, 10))
+    # Fractions outside [0, 1] are refused at construction, naming the step.
+    with pytest.raises(ValueError, match="fraction 2.0 at step 0"):
+        js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, schedule=js.SparsitySchedule(lambda t: 2.0, 0, 4))

@@ -19,13 +19,16 @@ def test_polynomial_is_zhu_gupta_cubic():
     assert float(jax.jit(sched)(jnp.int32(600))) == pytest.approx(0.875)
 
 
-def test_one_shot_and_constant():
+def test_one_shot_and_update_steps():
     one = js.one_shot_schedule(7)
     assert [float(one(t)) for t in (0, 6, 7, 100)] == [0.0, 0.0, 1.0, 1.0]
     assert (one.begin_step, one.end_step) == (7, 7)
-    const = js.constant_schedule(3)
-    assert [float(const(t)) for t in (0, 3, 10**6)] == [0.0, 1.0, 1.0]
-    assert const.end_step is None
+    assert list(one.update_steps(100)) == [7]
+    sched = js.polynomial_schedule(2, 12)
+    assert list(sched.update_steps(4)) == [2, 6, 10, 12]
+    # The host evaluation is the same formula in float64.
+    np.testing.assert_allclose(sched.fractions([2, 6, 12]), [0.0, 1 - 0.6**3, 1.0], rtol=1e-15)
+    assert not hasattr(js, "constant_schedule")  # it changed nothing with a periodic refresh
 
 
 def test_cosine_drop_fraction():
