@@ -20,10 +20,21 @@ def expected_keep(n, s, fraction):
     return n - math.floor(fraction * s * n)
 
 
+SCHEDULES = {
+    # name: (schedule, update_every, its update steps, the fraction written out independently)
+    "cubic": (js.polynomial_schedule(begin_step=2, end_step=12, power=3), 4, (2, 6, 10, 12),
+              lambda t: 1 - (1 - (t - 2) / 10) ** 3),
+    "optax linear": (js.SparsitySchedule(optax.linear_schedule(0.0, 1.0, transition_steps=8, transition_begin=2),
+                                         begin_step=2, end_step=10), 3, (2, 5, 8, 10),
+                     lambda t: (t - 2) / 8),
+}
+
+
 @pytest.mark.compat
-def test_gradual_magnitude_pruning_follows_the_cubic_schedule():
-    sched = js.polynomial_schedule(begin_step=2, end_step=12, power=3)
-    tx = js.magnitude_pruning(optax.sgd(0.05), sparsity=0.9, schedule=sched, update_every=4)
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_gradual_magnitude_pruning_follows_its_schedule(name):
+    sched, update_every, update_steps, fraction = SCHEDULES[name]
+    tx = js.magnitude_pruning(optax.sgd(0.05), sparsity=0.9, schedule=sched, update_every=update_every)
     params = mlp_params()
     state = tx.init(params)
     step = jax.jit(lambda p, s, g: tx.update(g, s, p))
@@ -34,15 +45,22 @@ def test_gradual_magnitude_pruning_follows_the_cubic_schedule():
         updates, state = step(params, state, grads)
         params = optax.apply_updates(params, updates)
         got = counts(state)
-        if t in (2, 6, 10, 12):  # update steps: begin + k * update_every, and end_step
-            p = (t - 2) / 10
-            fraction = 1 - (1 - p) ** 3
-            assert got == {k: expected_keep(n, 0.9, fraction) for k, n in sizes.items()}, t
+        if t in update_steps:  # begin + k * update_every, and end_step
+            assert got == {k: expected_keep(n, 0.9, fraction(t)) for k, n in sizes.items()}, t
         else:
             assert got == last, t  # no change between update steps, nor after end_step
         last = got
         assert_params_sparse(params, js.get_masks(state))
     assert got == {k: n - math.floor(0.9 * n) for k, n in sizes.items()}
+
+
+def test_schedule_errors_name_the_fix():
+    # A bare function has no window: a clear error naming the fix.
+    with pytest.raises(ValueError, match=r"js.SparsitySchedule\(fn, begin_step=..., end_step=...\)"):
+        js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, schedule=optax.linear_schedule(0.0, 1.0, 10))
+    # Fractions outside [0, 1] are refused at construction, naming the step.
+    with pytest.raises(ValueError, match="fraction 2.0 at step 0"):
+        js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, schedule=js.SparsitySchedule(lambda t: 2.0, 0, 4))
 
 
 def test_one_shot_magnitude_keeps_the_largest_weights():
@@ -178,32 +196,3 @@ def test_pooled_budget_is_exact_at_2_40_weights():
     # Intermediate schedule points: exact host arithmetic, never beyond the final budget.
     assert keep_table(size, 0.9, [0.5]) == [size - math.floor(0.5 * 0.9 * size)]
     assert keep_table(size, 0.9, [0.99999999])[0] >= final
-
-
-@pytest.mark.filterwarnings("ignore:jaxsparse. at step")  # params are held fixed on purpose
-def test_any_optax_schedule_with_its_window_and_exact_counts():
-    import optax as ox
-
-    sched = js.SparsitySchedule(ox.linear_schedule(0.0, 1.0, transition_steps=8, transition_begin=2), begin_step=2, end_step=10)
-    tx = js.magnitude_pruning(optax.sgd(0.05), sparsity=0.9, schedule=sched, update_every=3)
-    params = mlp_params()
-    state = tx.init(params)
-    step = jax.jit(lambda p, s, g: tx.update(g, s, p))
-    sizes = {"Dense_0/kernel": 12 * 16, "Dense_1/kernel": 16 * 3}
-    last = dict(sizes)
-    for t in range(13):
-        _, state = step(params, state, jax.tree.map(jnp.ones_like, params))
-        got = counts(state)
-        if t in (2, 5, 8, 10):  # begin + k * update_every, and end_step
-            f = float(sched._fn(t))
-            assert got == {k: n - min(math.floor(f * 0.9 * n), math.floor(0.9 * n)) for k, n in sizes.items()}, t
-        else:
-            assert got == last, t
-        last = got
-    assert got == {k: n - math.floor(0.9 * n) for k, n in sizes.items()}
-    # A bare function has no window: a clear error naming the fix.
-    with pytest.raises(ValueError, match=r"js.SparsitySchedule\(fn, begin_step=..., end_step=...\)"):
-        js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, schedule=ox.linear_schedule(0.0, 1.0, 10))
-    # Fractions outside [0, 1] are refused at construction, naming the step.
-    with pytest.raises(ValueError, match="fraction 2.0 at step 0"):
-        js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, schedule=js.SparsitySchedule(lambda t: 2.0, 0, 4))
