@@ -182,9 +182,8 @@ def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow, *, regrow_dro
         return [], [], []
     if regrow_dropped:
         n_keep = [jnp.sum(m, dtype=jnp.int32) - d for m, d in zip(masks, n_drop)]
-        # Ineligible entries score -1, below every magnitude.
-        kept = top_k_masks_per_leaf([jnp.where(m, _magnitudes(s), -1.0) for m, s in zip(masks, drop_scores)], n_keep)
-        grown = top_k_masks_per_leaf([jnp.where(k, -1.0, _magnitudes(s)) for k, s in zip(kept, grow_scores)], n_grow)
+        kept = top_k_masks_per_leaf([_magnitudes(s) for s in drop_scores], n_keep, where=masks)
+        grown = top_k_masks_per_leaf([_magnitudes(s) for s in grow_scores], n_grow, where=[~k for k in kept])
         return [k | g for k, g in zip(kept, grown)], kept, grown
     new, kept, grown = [], [], []
     for m, ds, gs, d, g in zip(masks, drop_scores, grow_scores, n_drop, n_grow):

@@ -60,12 +60,6 @@ def keep_table(size: int, sparsity: float, fractions) -> list[int]:
     return table
 
 
-def _scores(score, inputs: TopologyInputs):
-    keys = jax.random.split(inputs.key, max(len(inputs.plan), 1))
-    grads = inputs.grads if inputs.grads is not None else [None] * len(inputs.plan)
-    return [score(p, g, k) for p, g, k in zip(inputs.params, grads, keys)]
-
-
 def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, global_sparsity):
     """Topology that prunes active entries by ``score`` to the scheduled budget.
 
@@ -97,7 +91,8 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
                 table = jnp.asarray(keep_table(leaf.size, leaf.sparsity, fractions), jnp.int32)  # a leaf < 2**31
                 budgets.append(jnp.minimum(table[row], active[i]))
         # Only active entries are eligible, so a pruned entry never comes back.
-        new = select_top_k(_scores(score, inputs), counts.stack(budgets), group_of, where=inputs.masks)
+        scores = score_fns.per_leaf(score, inputs.params, inputs.grads, inputs.key)
+        new = select_top_k(scores, counts.stack(budgets), group_of, where=inputs.masks)
         return new, inputs.aux
 
     return Topology(

@@ -41,11 +41,6 @@ from jaxsparse.masks import random_masks
 __all__ = ["dynamic_sparse", "set_sparse", "rigl"]
 
 
-def _leaf_scores(score, inputs: TopologyInputs, key):
-    keys = jax.random.split(key, max(len(inputs.plan), 1))
-    return [score(p, g, k) for p, g, k in zip(inputs.params, inputs.grads, keys)]
-
-
 def _drop_grow_topology(drop_score, grow_score, drop_fraction, anneal, update_every, end_step, regrow_dropped) -> Topology:
     is_update_step = dst_update_steps(update_every, end_step)
     fractions = update_fractions(drop_fraction, update_every, end_step, anneal)
@@ -64,8 +59,8 @@ def _drop_grow_topology(drop_score, grow_score, drop_fraction, anneal, update_ev
         pick = lambda xs: [xs[i] for i in changing]
         new, _, _ = drop_and_grow(
             pick(inputs.masks),
-            pick(_leaf_scores(drop_score, inputs, drop_key)),
-            pick(_leaf_scores(grow_score, inputs, grow_key)),
+            pick(score_fns.per_leaf(drop_score, inputs.params, inputs.grads, drop_key)),
+            pick(score_fns.per_leaf(grow_score, inputs.params, inputs.grads, grow_key)),
             n_drop,
             n_drop,
             regrow_dropped=regrow_dropped,

@@ -12,7 +12,15 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["magnitude", "random", "position_hash", "saliency", "gradient_magnitude", "lamp"]
+__all__ = ["per_leaf", "magnitude", "random", "position_hash", "saliency", "gradient_magnitude", "lamp"]
+
+
+def per_leaf(score, params, grads, key) -> list:
+    """``score(param, grad, key_i)`` for each leaf of the lists ``params`` and ``grads``
+    (``grads`` None: no gradient, as at init), each leaf with its own key split from ``key``."""
+    keys = jax.random.split(key, max(len(params), 1))
+    grads = [None] * len(params) if grads is None else grads
+    return [score(p, g, k) for p, g, k in zip(params, grads, keys)]
 
 
 def magnitude(param, grad, key):

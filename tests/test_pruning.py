@@ -111,7 +111,6 @@ def test_lamp_scores_and_pruning():
     assert all(k.sum() >= 1 for k in kept)  # the largest weight of each layer scores 1
 
 
-@pytest.mark.filterwarnings("ignore:jaxsparse. at step")  # params are held fixed on purpose
 def test_random_pruning_never_revives_and_is_seeded():
     sched = js.polynomial_schedule(0, 6)
     run = lambda: train(js.random_pruning(optax.sgd(0.05), sparsity=0.9, schedule=sched, update_every=2), steps=7)
@@ -162,7 +161,6 @@ def test_bad_arguments_raise():
         js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, update_every=-2)
 
 
-@pytest.mark.filterwarnings("ignore:jaxsparse. at step")  # params are held fixed on purpose
 def test_nan_scores_on_active_weights_never_revive_pruned_ones():
     # A score that is NaN at random positions (new ones at every update) on active weights: NaN
     # ranks lowest among the active entries, never below the pruned ones, so a pruned entry never
