@@ -57,7 +57,7 @@ from jaxsparse import counts
 
 __all__ = [
     "score_keys", "select_top_k", "top_k_masks", "top_k_masks_per_leaf", "top_k_masks_nested", "top_k_mask",
-    "top_k_per_column", "check_leaf_size", "MAX_LEAF_SIZE",
+    "top_k_per_column", "top_k_and_regrow", "check_leaf_size", "MAX_LEAF_SIZE",
 ]
 
 MAX_LEAF_SIZE = 2**31 - 1  # entries of one array: its counts, histograms and positions are 32-bit
@@ -201,46 +201,68 @@ def _kth_largest_keys(keys, ks: counts.Count, groups: _Groups, shared: bool = Fa
     return prefix, rank, equal
 
 
-def _tie_quotas(keep_equal: counts.Count, groups: _Groups, tied) -> jax.Array:
-    """Per histogram row (int32), how many of the entries tied at its group's threshold it
-    keeps: the rows of group ``g`` take its ``keep_equal[g]`` tied places in order, each at most
-    its ``tied(r)`` tied entries. A group's last row takes what is left, so with one row per
-    group (every ordinary model) nothing is counted."""
-    quota = []
-    for r, g in enumerate(groups.row_group):
-        if r == 0 or groups.row_group[r - 1] != g:
-            left = _at(keep_equal, g)
-        take = left
-        if r + 1 < len(groups.row_group) and groups.row_group[r + 1] == g:
-            take = counts.minimum(left, tied(r))
-            left = counts.sub(left, take)
+def _tie_quotas(keep_equal: counts.Count, groups: _Groups, tied) -> list:
+    """Per leaf (int32), how many of the entries tied at its group's threshold it keeps: the
+    leaves of group ``g`` take its ``keep_equal[g]`` tied places in order, each at most its
+    ``tied(i)`` tied entries. A group's last leaf takes what is left, uncounted."""
+    quota, left = [], {}
+    for i, g in enumerate(groups.group_of):
+        members = groups.members[g]
+        if i == members[0]:
+            left[g] = _at(keep_equal, g)
+        take = left[g]
+        if i != members[-1]:
+            take = counts.minimum(left[g], tied(i))
+            left[g] = counts.sub(left[g], take)
         quota.append(counts.to_int32(take))
-    return jnp.stack(quota)
+    return quota
+
+
+def _replicated_sum(values, index, size: int) -> jax.Array:
+    """``values`` (int32) summed into ``size`` bins by ``index`` (an int32 array like ``values``).
+    A scatter-add into a fresh array: XLA partitions it into partial sums and an all-reduce, so a
+    sharded ``values`` is never gathered (a cumulative sum over a sharded axis would be)."""
+    return jnp.zeros(size, jnp.int32).at[index].add(values)
+
+
+def _first_true(mask: jax.Array, k) -> jax.Array:
+    """The first ``k`` True entries of ``mask`` in flat order (``0 <= k <= mask.sum()``), exact.
+
+    Three passes of reductions and compares instead of a position radix select (two scatters):
+    the True count of every row (the last axis), a cumulative sum over rows to find the row where
+    the ``k``-th lies, the True entries of that row by column, and a cumulative sum over them to
+    find its column.
+    """
+    if mask.ndim == 0:
+        return mask & (k > 0)
+    lead, width = mask.shape[:-1], mask.shape[-1]
+    n_rows = math.prod(lead)
+    row = jnp.zeros(lead, jnp.int32)  # flat index of each row, built from iotas (no reshape)
+    for axis, stride in enumerate(np.cumprod((1,) + lead[::-1])[::-1][1:]):
+        row = row + lax.broadcasted_iota(jnp.int32, lead, axis) * int(stride)
+    per_row = _replicated_sum(jnp.sum(mask, axis=-1, dtype=jnp.int32), row, n_rows)
+    through = jnp.cumsum(per_row)
+    cut_row = jnp.sum(through < k, dtype=jnp.int32)  # the row holding the k-th True entry
+    need = k - (through[jnp.minimum(cut_row, n_rows - 1)] - per_row[jnp.minimum(cut_row, n_rows - 1)])
+    in_cut = jnp.sum(jnp.where((row == cut_row)[..., None], mask, False), axis=tuple(range(len(lead))), dtype=jnp.int32)
+    per_col = _replicated_sum(in_cut, lax.iota(jnp.int32, width), width)
+    cut_col = jnp.sum(jnp.cumsum(per_col) < need, dtype=jnp.int32)
+    column = lax.broadcasted_iota(jnp.int32, mask.shape, mask.ndim - 1)
+    before = (row[..., None] < cut_row) | ((row[..., None] == cut_row) & (column <= cut_col))
+    return mask & before & (k > 0)
 
 
 def _break_ties(keys, t, keep_equal: counts.Count, groups: _Groups):
     """Keep keys > t, and the first ``keep_equal`` keys == t of each group by position (leaf
     order, then flat index).
 
-    The group's histogram rows take its tied places in order, each as many as it has tied
-    entries (exact counts, so a group may span any number of positions); the first ones of each
-    row are then found by the same radix select, one group per row, on keys that decrease with
-    the position in the row (below 2**31).
+    The group's leaves take its tied places in order, each as many as it has tied entries
+    (exact counts, so a group may span any number of positions); each leaf's first ones are
+    found by :func:`_first_true`.
     """
-    tied = lambda r: sum(
-        jnp.sum(u == t[g], dtype=jnp.int32) for u, g, row in zip(keys, groups.group_of, groups.row_of) if row == r
-    )
-    quota = _tie_quotas(keep_equal, groups, tied)
-    position_keys = []  # row size - position in the row for tied entries (>= 1), 0 for the others
-    for u, g, r, offset in zip(keys, groups.group_of, groups.row_of, groups.offset):
-        position = lax.iota(jnp.uint32, u.size).reshape(u.shape)
-        position_keys.append(jnp.where(u == t[g], jnp.uint32(groups.row_sizes[r] - offset) - position, jnp.uint32(0)))
-    by_row = _Groups([u.size for u in keys], groups.row_of)  # one row per group: narrow
-    cut, _, _ = _kth_largest_keys(position_keys, counts.narrow(jnp.maximum(quota, 1)), by_row)
-    return [
-        (u > t[g]) | ((p >= cut[r]) & (quota[r] > 0))
-        for u, p, g, r in zip(keys, position_keys, groups.group_of, groups.row_of)
-    ]
+    tied = [u == t[g] for u, g in zip(keys, groups.group_of)]
+    quota = _tie_quotas(keep_equal, groups, lambda i: jnp.sum(tied[i], dtype=jnp.int32))
+    return [(u > t[g]) | _first_true(x, q) for u, g, x, q in zip(keys, groups.group_of, tied, quota)]
 
 
 def _eligibility(where, scores, what: str = "scores"):
@@ -415,3 +437,83 @@ def top_k_per_column(scores: jax.Array, ks, where=None) -> jax.Array:
     )
     chosen = chosen & (ks > 0)
     return chosen if where is None else chosen & where
+
+
+def top_k_and_regrow(drop_scores: jax.Array, grow_scores: jax.Array, where: jax.Array, n_keep, n_grow):
+    """RigL's drop and grow on one array in three histogram passes: ``(kept, grown)`` masks.
+
+    ``kept`` is exactly ``top_k_mask(drop_scores, n_keep, where=where)`` (the active entries that
+    survive the drop) and ``grown`` exactly ``top_k_mask(grow_scores, n_grow, where=~kept)``
+    (growth among every entry not kept, a just-dropped one included, as in RigL's Algorithm 1),
+    with the same order, NaN and tie rules as :func:`select_top_k`.
+
+    Those two selections take four scatter passes over the array, the second waiting for the
+    first's result. Here the second starts before the first ends: pass 1 counts the drop keys'
+    top digits of the active entries and the grow keys' top digits of the inactive ones; pass 2
+    the drop keys' low digits in the drop threshold's bucket and the grow keys' top digits of the
+    entries surely dropped (below that bucket); pass 3 the grow keys' low digits in the grow
+    threshold's bucket, found from those counts plus a reduction over the dropped entries of the
+    drop threshold's own bucket. When either threshold has ties to break, or those few entries
+    move the grow threshold to another bucket, the two plain selections run instead, under
+    ``lax.cond`` (so the result is always exact).
+    """
+    check_leaf_size(None, drop_scores.shape)
+    if drop_scores.size == 0:
+        empty = jnp.zeros(drop_scores.shape, bool)
+        return empty, empty
+    where = jnp.asarray(where, bool)
+    bins = 1 << 16
+    drop_keys, grow_keys = score_keys(drop_scores), score_keys(grow_scores)  # never the key 0
+    drop_top, drop_low = (drop_keys >> 16).astype(jnp.int32), (drop_keys & 0xFFFF).astype(jnp.int32)
+    grow_top, grow_low = (grow_keys >> 16).astype(jnp.int32), (grow_keys & 0xFFFF).astype(jnp.int32)
+
+    def locate(hist, rank):  # digit holding the rank-th largest, rank within it, its count
+        digit, rank, equal = _locate(counts.narrow(hist[None]), counts.narrow(jnp.reshape(rank, (1,))))
+        return digit[0], rank.lo[0].astype(jnp.int32), equal.lo[0].astype(jnp.int32)
+
+    n_keep = jnp.clip(jnp.asarray(n_keep, jnp.int32), 0, jnp.sum(where, dtype=jnp.int32))
+    n_grow = jnp.clip(jnp.asarray(n_grow, jnp.int32), 0, drop_scores.size - n_keep)
+    # Pass 1: drop keys of active entries, grow keys of inactive ones.
+    hist = jnp.zeros(2 * bins, jnp.int32).at[jnp.where(where, drop_top, bins + grow_top)].add(1)
+    drop_digit, rank, _ = locate(hist[:bins], jnp.maximum(n_keep, 1))
+    # Pass 2: the drop threshold's low digit, and the grow keys of the surely dropped entries
+    # (the others go to a spare histogram, spread by their digit so no address is contended).
+    bucket = where & (drop_top == drop_digit)
+    below = where & (drop_top < drop_digit)
+    index = jnp.where(bucket, drop_low, jnp.where(below, bins + grow_top, 2 * bins + drop_low))
+    hist2 = jnp.zeros(3 * bins, jnp.int32).at[index].add(1)
+    low, keep_equal, n_equal = locate(hist2[:bins], rank)
+    drop_t = (drop_digit.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
+    dropped = where & (drop_keys < drop_t)  # exactly the dropped entries when no tie is cut
+    eligible = ~where | dropped
+    # The grow threshold's top digit from every eligible entry but the dropped ones of the drop
+    # threshold's bucket, which a reduction adds above it.
+    partial = hist[bins:] + hist2[bins: 2 * bins]
+    grow_digit, _, _ = locate(partial, jnp.maximum(n_grow, 1))
+    at_or_above = jnp.cumsum(partial[::-1])[::-1]
+    above = jnp.where(grow_digit + 1 < bins, at_or_above[jnp.minimum(grow_digit + 1, bins - 1)], 0)
+    above = above + jnp.sum(bucket & dropped & (grow_top > grow_digit), dtype=jnp.int32)
+    # Pass 3: the grow threshold's low digit among the eligible entries of its bucket.
+    index = jnp.where(eligible & (grow_top == grow_digit), grow_low, bins + drop_low)
+    hist3 = jnp.zeros(2 * bins, jnp.int32).at[index].add(1)
+    grow_rank = jnp.maximum(n_grow, 1) - above
+    low, grow_keep_equal, grow_n_equal = locate(hist3[:bins], jnp.maximum(grow_rank, 1))
+    grow_t = (grow_digit.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
+
+    # Exact unless a tie at the drop threshold is cut (the dropped set above would then be too
+    # small), the grow threshold lies in another bucket than the one counted, or nothing is
+    # kept (then every active entry is dropped, which the passes above do not count).
+    exact = (keep_equal == n_equal) & (grow_digit >= 0) & (grow_rank >= 1) & (n_keep > 0)
+
+    def counted():
+        kept = where & (drop_keys >= drop_t)
+        tied = eligible & (grow_keys == grow_t)
+        first = lax.cond(grow_keep_equal == grow_n_equal, lambda: tied, lambda: _first_true(tied, grow_keep_equal))
+        return kept, (eligible & (grow_keys > grow_t)) | first
+
+    def plain():  # the two selections one after the other
+        kept = top_k_mask(drop_scores, n_keep, where=where)
+        return kept, top_k_mask(grow_scores, n_grow, where=~kept)
+
+    kept, grown = lax.cond(exact, counted, plain)
+    return kept & (n_keep > 0), grown & (n_grow > 0)
