@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 
 from jaxsparse.distributions import Distribution, check_sparsity
-from jaxsparse.selection import top_k_and_regrow, top_k_masks_nested
+from jaxsparse.selection import top_k_masks_nested, top_k_masks_per_leaf
 from jaxsparse.core import check_positive_int
 
 __all__ = [
@@ -166,10 +166,11 @@ def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow, *, regrow_dro
       momentum reference code, Dettmers & Zettlemoyer 2019): growth chooses among every position
       not kept, so a weight dropped in this update can be regrown at once; it then keeps its value
       and optimizer moments, as in the reference code (only positions inactive before the update
-      start from 0). Per leaf, the kept set (top ``active - n_drop`` by drop score among active
-      entries, ties kept lowest flat index first) and the grown set (top ``n_grow`` by grow score
-      among the rest, ties to the lowest flat index), found together in three histogram passes
-      by :func:`jaxsparse.selection.top_k_and_regrow`.
+      start from 0). Two exact top-k selections, each over all leaves in the same passes: the kept
+      sets (top ``active - n_drop`` by drop score among active entries, ties kept lowest flat
+      index first), then the grown sets (top ``n_grow`` by grow score among the rest, ties to the
+      lowest flat index). The second depends on the first, so this costs one histogram pass more
+      than the nested selection of ``regrow_dropped=False``.
     - ``regrow_dropped=False``: growth chooses only among positions inactive before the update, so
       an update changes exactly ``n_drop + n_grow`` positions. Both sets are top-k selections of
       one banded score array per leaf (:func:`_banded`), found together by
@@ -180,12 +181,11 @@ def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow, *, regrow_dro
     masks = list(masks)
     if not masks:
         return [], [], []
-    if regrow_dropped:  # per leaf, the kept and grown sets in three shared histogram passes
-        chosen = [
-            top_k_and_regrow(_magnitudes(ds), _magnitudes(gs), m, jnp.sum(m, dtype=jnp.int32) - d, g)
-            for m, ds, gs, d, g in zip(masks, drop_scores, grow_scores, n_drop, n_grow)
-        ]
-        return [k | g for k, g in chosen], [k for k, _ in chosen], [g for _, g in chosen]
+    if regrow_dropped:  # the kept sets of all leaves, then growth among the rest, each in shared passes
+        n_keep = [jnp.sum(m, dtype=jnp.int32) - d for m, d in zip(masks, n_drop)]
+        kept = top_k_masks_per_leaf([_magnitudes(s) for s in drop_scores], n_keep, where=masks)
+        grown = top_k_masks_per_leaf([_magnitudes(s) for s in grow_scores], n_grow, where=[~k for k in kept])
+        return [k | g for k, g in zip(kept, grown)], kept, grown
     new, kept, grown = [], [], []
     for m, ds, gs, d, g in zip(masks, drop_scores, grow_scores, n_drop, n_grow):
         dropped, top = top_k_masks_nested(_banded(m, ds, gs), [d, jnp.sum(m, dtype=jnp.int32) + g])

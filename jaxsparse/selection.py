@@ -18,8 +18,9 @@ radix select over histograms instead:
 4. One compare pass builds the mask, ineligible keys excluded, so an ineligible entry is never
    selected (``k`` beyond the eligible count selects every eligible entry). Entries tied at the
    threshold are kept lowest flat index first (leaves in the order given): when ties straddle
-   the threshold, the same radix select on position keys picks the first tied entries, under
-   ``lax.cond`` so it costs nothing otherwise.
+   the threshold (common in large float32 arrays, which repeat values), each leaf's share of
+   the tied places is found from the tied counts of its rows (two reductions and a compare,
+   :func:`_first_true`), under ``lax.cond`` so it costs nothing otherwise.
 
 Leaves can be partitioned into groups that each keep their own ``k`` (one group: global
 pruning; one group per leaf: per-layer budgets); all groups share the same passes, so a model
@@ -29,10 +30,10 @@ with hundreds of leaves compiles a handful of scatters, not hundreds of searches
 its histograms are exact ``int32`` scatters. A group may hold far more (global pruning of an LLM):
 its leaves are then spread over several histogram rows of fewer than 2**31 entries each, and
 the small ``(groups, bins)`` histograms, their cumulative sums, ``k`` and the ranks are exact
-64-bit :mod:`jaxsparse.counts`. Tied places are shared out over a group's rows in order, and
-position keys count within a row, so tie order stays exact past 2**32 positions. When every
-group fits one row (every ordinary model) the counts are narrow and this is plain 32-bit
-arithmetic; the choice is static.
+64-bit :mod:`jaxsparse.counts`. Tied places are shared out over a group's leaves in order with
+exact counts, and positions count within a leaf, so tie order stays exact past 2**32 positions.
+When every group fits one row (every ordinary model) the counts are narrow and this is plain
+32-bit arithmetic; the choice is static.
 
 **Two algorithms.** :func:`top_k_per_column` (SRigL's per-neuron selection: many short columns,
 each with its own ``k``) builds each column's threshold bit by bit with 32 compare-and-count
@@ -57,7 +58,7 @@ from jaxsparse import counts
 
 __all__ = [
     "score_keys", "select_top_k", "top_k_masks", "top_k_masks_per_leaf", "top_k_masks_nested", "top_k_mask",
-    "top_k_per_column", "top_k_and_regrow", "check_leaf_size", "MAX_LEAF_SIZE",
+    "top_k_per_column", "check_leaf_size", "MAX_LEAF_SIZE",
 ]
 
 MAX_LEAF_SIZE = 2**31 - 1  # entries of one array: its counts, histograms and positions are 32-bit
@@ -438,82 +439,3 @@ def top_k_per_column(scores: jax.Array, ks, where=None) -> jax.Array:
     chosen = chosen & (ks > 0)
     return chosen if where is None else chosen & where
 
-
-def top_k_and_regrow(drop_scores: jax.Array, grow_scores: jax.Array, where: jax.Array, n_keep, n_grow):
-    """RigL's drop and grow on one array in three histogram passes: ``(kept, grown)`` masks.
-
-    ``kept`` is exactly ``top_k_mask(drop_scores, n_keep, where=where)`` (the active entries that
-    survive the drop) and ``grown`` exactly ``top_k_mask(grow_scores, n_grow, where=~kept)``
-    (growth among every entry not kept, a just-dropped one included, as in RigL's Algorithm 1),
-    with the same order, NaN and tie rules as :func:`select_top_k`.
-
-    Those two selections take four scatter passes over the array, the second waiting for the
-    first's result. Here the second starts before the first ends: pass 1 counts the drop keys'
-    top digits of the active entries and the grow keys' top digits of the inactive ones; pass 2
-    the drop keys' low digits in the drop threshold's bucket and the grow keys' top digits of the
-    entries surely dropped (below that bucket); pass 3 the grow keys' low digits in the grow
-    threshold's bucket, found from those counts plus a reduction over the dropped entries of the
-    drop threshold's own bucket. When either threshold has ties to break, or those few entries
-    move the grow threshold to another bucket, the two plain selections run instead, under
-    ``lax.cond`` (so the result is always exact).
-    """
-    check_leaf_size(None, drop_scores.shape)
-    if drop_scores.size == 0:
-        empty = jnp.zeros(drop_scores.shape, bool)
-        return empty, empty
-    where = jnp.asarray(where, bool)
-    bins = 1 << 16
-    drop_keys, grow_keys = score_keys(drop_scores), score_keys(grow_scores)  # never the key 0
-    drop_top, drop_low = (drop_keys >> 16).astype(jnp.int32), (drop_keys & 0xFFFF).astype(jnp.int32)
-    grow_top, grow_low = (grow_keys >> 16).astype(jnp.int32), (grow_keys & 0xFFFF).astype(jnp.int32)
-
-    def locate(hist, rank):  # digit holding the rank-th largest, rank within it, its count
-        digit, rank, equal = _locate(counts.narrow(hist[None]), counts.narrow(jnp.reshape(rank, (1,))))
-        return digit[0], rank.lo[0].astype(jnp.int32), equal.lo[0].astype(jnp.int32)
-
-    n_keep = jnp.clip(jnp.asarray(n_keep, jnp.int32), 0, jnp.sum(where, dtype=jnp.int32))
-    n_grow = jnp.clip(jnp.asarray(n_grow, jnp.int32), 0, drop_scores.size - n_keep)
-    # Pass 1: drop keys of active entries, grow keys of inactive ones.
-    hist = jnp.zeros(2 * bins, jnp.int32).at[jnp.where(where, drop_top, bins + grow_top)].add(1)
-    drop_digit, rank, _ = locate(hist[:bins], jnp.maximum(n_keep, 1))
-    # Pass 2: the drop threshold's low digit, and the grow keys of the surely dropped entries
-    # (the others go to a spare histogram, spread by their digit so no address is contended).
-    bucket = where & (drop_top == drop_digit)
-    below = where & (drop_top < drop_digit)
-    index = jnp.where(bucket, drop_low, jnp.where(below, bins + grow_top, 2 * bins + drop_low))
-    hist2 = jnp.zeros(3 * bins, jnp.int32).at[index].add(1)
-    low, keep_equal, n_equal = locate(hist2[:bins], rank)
-    drop_t = (drop_digit.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
-    dropped = where & (drop_keys < drop_t)  # exactly the dropped entries when no tie is cut
-    eligible = ~where | dropped
-    # The grow threshold's top digit from every eligible entry but the dropped ones of the drop
-    # threshold's bucket, which a reduction adds above it.
-    partial = hist[bins:] + hist2[bins: 2 * bins]
-    grow_digit, _, _ = locate(partial, jnp.maximum(n_grow, 1))
-    at_or_above = jnp.cumsum(partial[::-1])[::-1]
-    above = jnp.where(grow_digit + 1 < bins, at_or_above[jnp.minimum(grow_digit + 1, bins - 1)], 0)
-    above = above + jnp.sum(bucket & dropped & (grow_top > grow_digit), dtype=jnp.int32)
-    # Pass 3: the grow threshold's low digit among the eligible entries of its bucket.
-    index = jnp.where(eligible & (grow_top == grow_digit), grow_low, bins + drop_low)
-    hist3 = jnp.zeros(2 * bins, jnp.int32).at[index].add(1)
-    grow_rank = jnp.maximum(n_grow, 1) - above
-    low, grow_keep_equal, grow_n_equal = locate(hist3[:bins], jnp.maximum(grow_rank, 1))
-    grow_t = (grow_digit.astype(jnp.uint32) << 16) | low.astype(jnp.uint32)
-
-    # Exact unless a tie at the drop threshold is cut (the dropped set above would then be too
-    # small), the grow threshold lies in another bucket than the one counted, or nothing is
-    # kept (then every active entry is dropped, which the passes above do not count).
-    exact = (keep_equal == n_equal) & (grow_digit >= 0) & (grow_rank >= 1) & (n_keep > 0)
-
-    def counted():
-        kept = where & (drop_keys >= drop_t)
-        tied = eligible & (grow_keys == grow_t)
-        first = lax.cond(grow_keep_equal == grow_n_equal, lambda: tied, lambda: _first_true(tied, grow_keep_equal))
-        return kept, (eligible & (grow_keys > grow_t)) | first
-
-    def plain():  # the two selections one after the other
-        kept = top_k_mask(drop_scores, n_keep, where=where)
-        return kept, top_k_mask(grow_scores, n_grow, where=~kept)
-
-    kept, grown = lax.cond(exact, counted, plain)
-    return kept & (n_keep > 0), grown & (n_grow > 0)

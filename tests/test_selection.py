@@ -281,27 +281,6 @@ def test_presets_trace_at_billions_of_weights(name):
     assert [m.shape for m in jax.tree.leaves(js.get_masks(new_state))] == [(32768, 32768)] * 4
 
 
-@pytest.mark.parametrize("kind", ["normal", "few values", "nan and -inf", "constant"])
-def test_top_k_and_regrow_equals_two_selections(kind):
-    # RigL's drop and grow in three passes equals the two selections one after the other: the
-    # kept set by drop score among active entries, then growth among everything not kept; ties,
-    # NaN, empty and full counts, and thresholds in one bucket (the fallback) included.
-    from jaxsparse.selection import top_k_and_regrow
-
-    rng = np.random.default_rng(KINDS.index(kind) if kind in KINDS else 7)
-    select = jax.jit(top_k_and_regrow)
-    for shape in [(37, 11), (64,), (3, 5, 4)]:
-        for _ in range(6):
-            drop, grow = random_case(rng, kind, [shape, shape])
-            active = rng.random(shape) < rng.random()
-            n = int(active.sum())
-            n_keep, n_grow = int(rng.integers(0, n + 2)), int(rng.integers(0, drop.size + 2))
-            kept, grown = select(drop, grow, active, n_keep, n_grow)
-            expected_kept = reference([drop], n_keep, [active])[0]
-            np.testing.assert_array_equal(np.asarray(kept), expected_kept)
-            np.testing.assert_array_equal(np.asarray(grown), reference([grow], n_grow, [~expected_kept])[0])
-
-
 def test_first_true_in_flat_order():
     rng = np.random.default_rng(3)
     first = jax.jit(selection._first_true)
