@@ -8,7 +8,9 @@ step, and prints their ratios to the plain step (targets: <= 1.05x and <= 3x).
 - ``global_magnitude``: the same with one global threshold;
 - ``rigl``, ``set``, ``snfs``, ``srigl``: dynamic sparse training at 90% (ERK), update at step
   1000 of 100000 (drop fraction ~0.3, ~0.5 for SNFS); non-update steps of SNFS also update its
-  gradient moving average, as the method requires;
+  gradient moving average, as the method requires; ``rigl_no_regrow``: RigL with
+  ``regrow_dropped=False`` (growth only among positions inactive before the update, one nested
+  selection instead of two dependent ones);
 - ``topkast``: forward 90%, backward 80%; every step updates the dense shadow weights.
 
     python benchmarks/topology_update_cost.py [--reps 20] [--batch 128] [--method rigl set ...]
@@ -70,6 +72,8 @@ def sparsifiers(update_every):
         "magnitude": js.magnitude_pruning(adam, sparsity=0.9, schedule=gradual, update_every=update_every),
         "global_magnitude": js.global_magnitude_pruning(adam, sparsity=0.9, schedule=gradual, update_every=update_every),
         "rigl": js.rigl(adam, sparsity=0.9, update_every=update_every, end_step=end),
+        # growth only among positions inactive before the update (one nested selection per leaf)
+        "rigl_no_regrow": js.rigl(adam, sparsity=0.9, update_every=update_every, end_step=end, regrow_dropped=False),
         "set": js.set_sparse(adam, sparsity=js.erk(0.9), update_every=update_every, end_step=end),
         "snfs": js.snfs(adam, sparsity=js.erk(0.9), update_every=update_every, end_step=end),
         "srigl": js.srigl(adam, sparsity=0.9, update_every=update_every, end_step=end),
