@@ -113,7 +113,7 @@ def make_tx(method: str, sparsity: float, steps: int, lr, seed):
     if method == "static":
         return js.static_sparse(adam, sparsity=dist, seed=seed)
     if method == "SET":
-        return js.set_sparse(adam, sparsity=dist, update_every=100, end_step=end, seed=seed)
+        return js.set_sparse(adam, sparsity=dist, update_every=100, end_step=end, drop_fraction_anneal="cosine", seed=seed)
     if method == "RigL":
         return js.rigl(adam, sparsity=dist, update_every=100, end_step=end, seed=seed)
     if method == "SNFS":
