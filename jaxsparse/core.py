@@ -34,9 +34,8 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from typing import Any, Callable, NamedTuple, Sequence
-
 import warnings
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -210,9 +209,13 @@ def _to_list(tree, plan):
     return [by_name[leaf.name] for leaf in plan]
 
 
-def _masks_tree(params, plan, masks_list):
-    by_name = {leaf.name: m for leaf, m in zip(plan, masks_list)}
+def _named_tree(params, by_name: dict):
+    """A tree of ``params``' structure holding ``by_name[leaf name]``, and None where it has none."""
     return jax.tree_util.tree_map_with_path(lambda p, _: by_name.get(path_to_str(p)), params)
+
+
+def _masks_tree(params, plan, masks_list):
+    return _named_tree(params, {leaf.name: m for leaf, m in zip(plan, masks_list)})
 
 
 def _with_leaves(tree, plan, values):
@@ -509,12 +512,6 @@ def _merge_masks(a, b):
     return jax.tree_util.tree_unflatten(a_def, [_merge_masks(x, y) for x, y in zip(a_children, b_children)])
 
 
-def _expand_to(masks, params):
-    """``masks`` in the structure of ``params``: the mask found at a leaf's key path, else None."""
-    by_name = {path_to_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
-    return jax.tree_util.tree_map_with_path(lambda p, _: by_name.get(path_to_str(p)), params)
-
-
 def get_masks(state, params=None):
     """The current masks of the jaxsparse sparsifiers inside an optimizer state, however nested.
 
@@ -543,7 +540,9 @@ def get_masks(state, params=None):
     trees = [_unwrap_variables(s.masks if isinstance(s, SparsifierState) else s["masks"]) for s in states]
     merged = functools.reduce(_merge_masks, trees)
     merged = jax.tree.map(lambda x: None if _is_masked_node(x) else x, merged, is_leaf=lambda x: _is_masked_node(x) or x is None)
-    return merged if params is None else _expand_to(merged, params)
+    if params is None:
+        return merged
+    return _named_tree(params, {path_to_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(merged)[0]})
 
 
 def init(tx: optax.GradientTransformation, params):

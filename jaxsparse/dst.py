@@ -27,6 +27,7 @@ from jax import lax
 from jaxsparse.distributions import Distribution, check_sparsity
 from jaxsparse.selection import top_k_masks_nested, top_k_masks_per_leaf
 from jaxsparse.core import check_positive_int
+from jaxsparse.schedules import host_fractions
 
 __all__ = [
     "drop_count",
@@ -88,12 +89,8 @@ def update_fractions(drop_fraction, update_every: int, end_step: int | None, ann
     if callable(drop_fraction):
         if end_step is None:
             raise ValueError("a drop_fraction schedule needs end_step, the step where topology updates stop")
-        steps = np.arange(0, end_step, update_every)
-        table = np.array([float(drop_fraction(int(t))) for t in steps] + [0.0], np.float64)
-        bad = table[(table < 0) | (table > 1) | np.isnan(table)]
-        if bad.size:
-            raise ValueError(f"the drop_fraction schedule must give fractions in [0, 1]; it gave {float(bad[0])!r}")
-        return table
+        fractions = host_fractions(drop_fraction, range(0, end_step, update_every), "the drop_fraction schedule")
+        return np.append(fractions, 0.0)
     if not 0.0 <= float(drop_fraction) <= 1.0:
         raise ValueError(f"drop_fraction must be in [0, 1]; got {drop_fraction!r}")
     d = float(drop_fraction)

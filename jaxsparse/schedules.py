@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "host_fractions",
     "SparsitySchedule",
     "polynomial_schedule",
     "one_shot_schedule",
@@ -39,6 +40,19 @@ def _check_window(begin_step, end_step):
             raise ValueError(f"{name} must be a non-negative int; got {v!r}")
     if end_step < begin_step:
         raise ValueError(f"end_step ({end_step}) precedes begin_step ({begin_step})")
+
+
+def host_fractions(fn: Callable, steps, what) -> np.ndarray:
+    """``fn`` (any ``step -> fraction`` function) at each of ``steps``, evaluated on the host, as
+    float64; a ValueError names ``what`` and a step whose fraction is outside [0, 1]. Sparsity
+    schedules and drop-fraction schedules are both tabulated this way."""
+    values = []
+    for t in np.asarray(steps).tolist():
+        f = float(fn(t))
+        if not 0.0 <= f <= 1.0:  # also refuses NaN
+            raise ValueError(f"{what} gives the fraction {f!r} at step {t}; fractions must be in [0, 1]")
+        values.append(f)
+    return np.asarray(values, np.float64)
 
 
 class SparsitySchedule:
@@ -81,13 +95,8 @@ class SparsitySchedule:
     def fractions(self, steps) -> np.ndarray:
         """``fn`` at each of ``steps``, on the host, as float64; a ValueError names a step whose
         fraction is outside [0, 1]."""
-        values = []
-        for t in np.asarray(steps).tolist():
-            f = float(self._host_fn(float(t)) if self._host_fn is not None else self._fn(t))
-            if not 0.0 <= f <= 1.0:
-                raise ValueError(f"{self!r} gives the fraction {f!r} at step {t}; fractions must be in [0, 1]")
-            values.append(f)
-        return np.asarray(values, np.float64)
+        fn = self._fn if self._host_fn is None else (lambda t: self._host_fn(float(t)))
+        return host_fractions(fn, steps, repr(self))
 
 
 def polynomial_schedule(begin_step: int, end_step: int, power: float = 3.0) -> SparsitySchedule:

@@ -75,7 +75,7 @@ def test_drop_count_and_update_steps():
         update_fractions(0.3, 5, None, "cosine")
     with pytest.raises(ValueError, match="schedule needs end_step"):
         update_fractions(lambda t: 0.1, 5, None)
-    with pytest.raises(ValueError, match=r"fractions in \[0, 1\]; it gave 1.5"):
+    with pytest.raises(ValueError, match=r"schedule gives the fraction 1.5 at step 0; fractions must be in \[0, 1\]"):
         update_fractions(lambda t: 1.5, 5, 20)
     with pytest.raises(ValueError, match="drop_fraction_anneal must be one of"):
         update_fractions(0.3, 5, 20, "linear")
