@@ -25,6 +25,27 @@ warns when it is traced in such a chain, naming the fix.
 ``tx.init(params)`` cannot change params; :func:`init` returns them masked with the state, so the
 first step already trains the sparse model.
 
+**Gradient annealing** (``gradient_annealing=alpha``, a float or a ``step -> alpha`` function; the
+third operation of DESIGN.md beside prune and regrow) switches the step to dense *shadow* weights
+kept in the state (``state.shadow``, a params-shaped tree, None on leaves not sparsified):
+
+1. the gradient of the loss with respect to params (the masked weights) is the straight-through
+   gradient (Bengio et al., 2013); it reaches kept weights whole and pruned ones scaled by
+   ``alpha(t)`` (Kundu et al., 2023, "AutoSparse", arXiv 2304.06941);
+2. the inner transformation updates the shadow weights (it receives them as its ``params``, so
+   weight decay decays them) and keeps dense moments: with ``alpha > 0`` a pruned weight is still
+   trained, so its moments are not reset;
+3. the topology rule then runs on the updated shadow weights (``inputs.params`` are the dense
+   weights), so a pruned weight that its annealed gradient pushed up can come back;
+4. params become the forward weights: the shadow weights on the mask, exactly 0 elsewhere (or the
+   topology's ``forward``: soft thresholding for ST-3 and AutoSparse).
+
+STE is ``alpha = 1`` with a mask recomputed every step (:mod:`jaxsparse.ste`). Where ``alpha(t)``
+is 0 a pruned weight gets no update at all (its shadow value is frozen, its moments are reset
+where the mask changes), and pruning topologies then choose only among kept weights, so nothing
+pruned returns: ``alpha = 0`` behaves like the default ``None``, which keeps no shadow weights and
+costs nothing.
+
 A *topology* is a small record of pure functions over the list of sparsified leaves (see
 :class:`Topology`); pruning, dynamic sparse training and static sparsity are topologies.
 """
@@ -61,6 +82,8 @@ __all__ = [
     "as_key",
     "periodic_updates",
     "reset_inner_state",
+    "every_step",
+    "as_annealing",
 ]
 
 
@@ -73,6 +96,8 @@ class SparsifierState(NamedTuple):
       key: PRNG key; step ``t`` uses ``fold_in(key, t)``, so runs are reproducible from the seed.
       inner_state: the wrapped transformation's state.
       aux: the topology's own state (e.g. a gradient moving average), a pytree or ``()``.
+      shadow: with gradient annealing, the dense weights the inner transformation trains (a
+        params-shaped tree, None on leaves not sparsified); None otherwise.
     """
 
     masks: Any
@@ -80,6 +105,7 @@ class SparsifierState(NamedTuple):
     key: jax.Array
     inner_state: Any
     aux: Any = ()
+    shadow: Any = None
 
 
 class LeafPlan(NamedTuple):
@@ -100,7 +126,9 @@ class LeafPlan(NamedTuple):
 class TopologyInputs(NamedTuple):
     """What a topology rule sees, as lists aligned with ``plan`` (one entry per sparsified leaf).
 
-    ``grads`` are the raw (dense) gradients of this step, ``None`` at init.
+    ``grads`` are the raw (dense) gradients of this step, ``None`` at init. With gradient
+    annealing, ``params`` are the dense shadow weights and ``alpha`` is this step's annealing
+    factor (a traced float32 scalar); without, ``alpha`` is None.
     """
 
     plan: tuple[LeafPlan, ...]
@@ -110,6 +138,7 @@ class TopologyInputs(NamedTuple):
     step: jax.Array
     key: jax.Array
     aux: Any
+    alpha: Any = None
 
 
 class Topology(NamedTuple):
@@ -138,6 +167,13 @@ class Topology(NamedTuple):
         in ``aux`` (Top-KAST) return them, so anything in the inner transformation that reads
         params (adamw's weight decay, ``add_decayed_weights``, lookahead) sees the weights it
         updates.
+      forward: with gradient annealing, ``inputs -> list`` of the params (forward weights) made
+        from the shadow weights ``inputs.params`` and the new masks (default: the shadow weights
+        where kept, exactly 0 elsewhere). It must be exactly 0 where ``inputs.masks`` is False;
+        ST-3 and AutoSparse soft-threshold here.
+
+    ``is_update_step`` may return a Python ``True`` (a rule that runs on every step, as STE's):
+    the update then runs without ``lax.cond``.
     """
 
     init: Callable[[TopologyInputs], tuple]
@@ -148,6 +184,32 @@ class Topology(NamedTuple):
     trained: Callable[[list, Any], list] | None = None
     finish: Callable[[TopologyInputs, list], tuple] | None = None
     inner_params: Callable[[TopologyInputs], list] | None = None
+    forward: Callable[[TopologyInputs], list] | None = None
+
+
+def every_step(step) -> bool:
+    """``is_update_step`` of a rule that changes the topology on every step (STE and its family)."""
+    del step
+    return True
+
+
+def as_annealing(gradient_annealing) -> Callable | None:
+    """``gradient_annealing`` as a ``step -> alpha`` function (float32), or None.
+
+    A float in [0, 1] is a constant factor; a callable (an optax schedule, or
+    :func:`jaxsparse.schedules.sigmoid_cosine_decay`) is called with the traced step; None (the
+    default of every preset) keeps gradients of pruned weights at zero without shadow weights.
+    """
+    if gradient_annealing is None:
+        return None
+    if callable(gradient_annealing):
+        return lambda step: jnp.asarray(gradient_annealing(step), jnp.float32)
+    if isinstance(gradient_annealing, bool) or not isinstance(gradient_annealing, (int, float, np.floating, np.integer)):
+        raise ValueError(f"gradient_annealing must be None, a float in [0, 1] or a step -> alpha function; got {gradient_annealing!r}")
+    alpha = float(gradient_annealing)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"gradient_annealing must be in [0, 1]; got {gradient_annealing!r}")
+    return lambda step: jnp.float32(alpha)
 
 
 def check_positive_int(value, what: str, *, none_ok: bool = False):
@@ -328,7 +390,8 @@ def _not_a_state_message(state) -> str:
 
 
 def _looks_restored(x) -> bool:
-    return isinstance(x, dict) and set(x) == set(SparsifierState._fields)
+    # ``shadow`` may be missing from a checkpoint written before gradient annealing existed
+    return isinstance(x, dict) and set(x) in (set(SparsifierState._fields), set(SparsifierState._fields) - {"shadow"})
 
 
 def sparsifier(
@@ -340,6 +403,7 @@ def sparsifier(
     exclude=None,
     overrides=None,
     seed=0,
+    gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """The core sparsifier transformation that every jaxsparse algorithm configures.
 
@@ -354,6 +418,10 @@ def sparsifier(
       overrides: ``{regex: sparsity or None}``; a matched leaf gets that sparsity instead of the
         distribution's (``None`` keeps it dense); the distribution is solved over the rest.
       seed: int or PRNG key for the topology's randomness.
+      gradient_annealing: None (default: gradients of pruned weights are zero, no shadow
+        weights), or a float in [0, 1] or a ``step -> alpha`` function: train dense shadow
+        weights kept in the state, pruned positions' gradients scaled by ``alpha(t)`` (see the
+        module docstring). Not with a topology that keeps its own shadow weights (``finish``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SparsifierState`.
@@ -364,6 +432,14 @@ def sparsifier(
     """
     distribution = as_distribution(sparsity)
     inner = optax.with_extra_args_support(inner)
+    annealing = as_annealing(gradient_annealing)
+    if annealing is not None and (topology.finish is not None or topology.inner_params is not None):
+        raise ValueError(
+            "gradient_annealing needs the core's shadow weights, but this topology keeps its own (it defines "
+            "finish or inner_params, as Top-KAST does)"
+        )
+    # A constant positive alpha never freezes a pruned weight: no per-step reset of the moments.
+    may_vanish = annealing is not None and (callable(gradient_annealing) or float(gradient_annealing) == 0.0)
     plans: dict = {}
 
     def plan_for(params):
@@ -399,7 +475,59 @@ def sparsifier(
             key=key,
             inner_state=inner.init(params),
             aux=aux,
+            shadow=None if annealing is None else _masks_tree(params, plan, _to_list(params, plan)),
         )
+
+    def annealed_update(updates, state, params, extra_args, plan):
+        """The step with dense shadow weights (see the module docstring)."""
+        alpha = annealing(state.step)
+        key = jax.random.fold_in(state.key, state.step)
+        masks, aux = _to_list(state.masks, plan), state.aux
+        shadow = _to_list(state.shadow, plan)
+
+        def inputs_at(masks, aux, grads, weights):
+            return TopologyInputs(plan, masks, weights, grads, state.step, key, aux, alpha)
+
+        grads = _to_list(updates, plan)
+        if topology.observe is not None:
+            grads, aux = topology.observe(inputs_at(masks, aux, grads, shadow))
+        # The gradient with respect to the masked params is the straight-through gradient; the
+        # pruned positions get it scaled by alpha(t).
+        annealed = [jnp.where(m, g, (alpha * g.astype(jnp.float32)).astype(g.dtype)) for m, g in zip(masks, grads)]
+        inner_updates, inner_state = inner.update(
+            _with_leaves(updates, plan, annealed), state.inner_state, _with_leaves(params, plan, shadow), **extra_args
+        )
+        # A pruned weight moves only while alpha > 0 (momentum or weight decay would move it too).
+        moves = alpha > 0
+        shadow = [
+            jnp.where(m | moves, (w + u.astype(w.dtype)).astype(w.dtype), w)
+            for m, w, u in zip(masks, shadow, _to_list(inner_updates, plan))
+        ]
+        new_masks = masks
+        if topology.is_update_step is not None:
+            change = lambda operands: topology.update(inputs_at(operands[0], operands[1], grads, shadow))
+            predicate = topology.is_update_step(state.step)
+            if predicate is True:
+                new_masks, aux = change((masks, aux))
+            else:
+                new_masks, aux = lax.cond(predicate, change, lambda operands: operands, (masks, aux))
+            if may_vanish:  # where alpha is 0, moments restart where the mask changed (as without annealing)
+                keep = [(m & n) | moves for m, n in zip(masks, new_masks)]
+                inner_state = reset_inner_state(inner, inner_state, _masks_tree(params, plan, keep))
+        inputs = inputs_at(new_masks, aux, grads, shadow)
+        if topology.forward is not None:
+            forward = topology.forward(inputs)
+        else:
+            forward = [jnp.where(m, w, jnp.zeros((), w.dtype)) for m, w in zip(new_masks, shadow)]
+        # apply_updates adds in the params' dtype: params become exactly the forward weights
+        new_updates = _with_leaves(
+            inner_updates, plan, [(f.astype(p.dtype) - p) for f, p in zip(forward, _to_list(params, plan))]
+        )
+        new_state = SparsifierState(
+            _masks_tree(params, plan, new_masks), state.step + 1, state.key, inner_state, aux,
+            _masks_tree(params, plan, shadow),
+        )
+        return new_updates, new_state
 
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
@@ -410,6 +538,8 @@ def sparsifier(
         check_structure(state.masks, updates, "updates")
         _warn_if_chained_before_others()
         plan = plan_for(params)
+        if annealing is not None:
+            return annealed_update(updates, state, params, extra_args, plan)
         masks, inner_state, aux = state.masks, state.inner_state, state.aux
 
         def inputs_at(masks, aux, grads_list):

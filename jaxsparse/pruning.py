@@ -90,9 +90,11 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
                 group_of.append(len(budgets))
                 table = jnp.asarray(keep_table(leaf.size, leaf.sparsity, fractions), jnp.int32)  # a leaf < 2**31
                 budgets.append(jnp.minimum(table[row], active[i]))
-        # Only active entries are eligible, so a pruned entry never comes back.
+        # Only active entries are eligible, so a pruned entry never comes back; with gradient
+        # annealing at alpha > 0 every entry is (params are then the dense shadow weights).
+        eligible = inputs.masks if inputs.alpha is None else [m | (inputs.alpha > 0) for m in inputs.masks]
         scores = score_fns.per_leaf(score, inputs.params, inputs.grads, inputs.key)
-        new = select_top_k(scores, counts.stack(budgets), group_of, where=inputs.masks)
+        new = select_top_k(scores, counts.stack(budgets), group_of, where=eligible)
         return new, inputs.aux
 
     return Topology(
@@ -114,6 +116,7 @@ def pruning(
     exclude=None,
     overrides=None,
     seed=0,
+    gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """Prune by any score (see :mod:`jaxsparse.scores`) on a schedule.
 
@@ -136,6 +139,11 @@ def pruning(
       update_every: steps between topology updates inside the schedule's window.
       scope: ``"layer"`` (each leaf to its own target) or ``"global"`` (one threshold).
       include, exclude, overrides, seed: see :func:`jaxsparse.core`.
+      gradient_annealing: None (default), or a float or ``step -> alpha`` function: pruned
+        weights keep training as dense shadow weights with their gradients scaled by ``alpha(t)``,
+        and every update step chooses among all of them by their dense score, so a pruned weight
+        can come back while ``alpha > 0`` (Kundu et al., 2023; see :func:`jaxsparse.core`). Give
+        a schedule with several update steps for that to happen.
     """
     schedule = one_shot_schedule(0) if schedule is None else schedule
     if not isinstance(schedule, SparsitySchedule):
@@ -157,11 +165,12 @@ def pruning(
         global_sparsity = distribution.sparsity
     topology = _pruning_topology(score, schedule, update_every, global_sparsity)
     return sparsifier(
-        inner, sparsity=distribution, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
+        inner, sparsity=distribution, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
+        gradient_annealing=gradient_annealing,
     )
 
 
-def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
+def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
     """Magnitude pruning, per layer (Han et al., 2015; gradual: Zhu & Gupta, 2018).
 
     One-shot at step 0 by default; pass ``schedule=polynomial_schedule(begin, end)`` for gradual
@@ -175,11 +184,11 @@ def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=
     """
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, gradient_annealing=gradient_annealing,
     )
 
 
-def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None, seed=0):
+def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None, seed=0, gradient_annealing=None):
     """Random pruning, per layer: the baseline of Liu et al. (2022), "The unreasonable
     effectiveness of random pruning", ICLR. See :func:`pruning`.
 
@@ -190,11 +199,11 @@ def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=
     """
     return pruning(
         inner, score=score_fns.random, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, gradient_annealing=gradient_annealing,
     )
 
 
-def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
+def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
     """Pruning by first-order saliency ``|w * g|`` on the step's gradient (Molchanov et al.,
     2017; SNIP, Lee et al., 2019), per layer. See :func:`pruning`.
 
@@ -205,11 +214,11 @@ def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0
     """
     return pruning(
         inner, score=score_fns.saliency, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, gradient_annealing=gradient_annealing,
     )
 
 
-def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
+def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
     """Magnitude pruning with one threshold over all sparsified leaves (Han et al., 2015;
     compared in Blalock et al., 2020). See :func:`pruning`.
 
@@ -222,10 +231,11 @@ def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_ev
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
         scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
+        gradient_annealing=gradient_annealing,
     )
 
 
-def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
+def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
     """LAMP: global selection on layer-adaptive magnitude scores (Lee et al., 2021, ICLR).
     See :func:`jaxsparse.scores.lamp` and :func:`pruning`.
 
@@ -237,10 +247,11 @@ def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, see
     return pruning(
         inner, score=score_fns.lamp, sparsity=sparsity, schedule=schedule, update_every=update_every,
         scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
+        gradient_annealing=gradient_annealing,
     )
 
 
-def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overrides=None):
+def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
     """Static sparse training: a random mask drawn at init (exactly ``N - floor(s N)`` entries
     per leaf, spread by the distribution: ``erk(0.9)``, ``er(0.9)`` or a float), fixed afterwards.
 
@@ -255,5 +266,6 @@ def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overri
     """
     topology = Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=None, is_update_step=None)
     return sparsifier(
-        inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
+        inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
+        gradient_annealing=gradient_annealing,
     )

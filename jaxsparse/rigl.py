@@ -88,6 +88,7 @@ def dynamic_sparse(
     include=None,
     exclude=None,
     overrides=None,
+    gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """Drop-and-grow dynamic sparse training with any scores (the family of SET and RigL).
 
@@ -118,6 +119,9 @@ def dynamic_sparse(
         (True, as in RigL's Algorithm 1 and reference code) or growth uses only positions
         inactive before the update (False).
       seed, include, exclude, overrides: see :func:`jaxsparse.core`.
+      gradient_annealing: None (default), or a float or ``step -> alpha`` function: dropped
+        weights keep training as dense shadow weights with gradients scaled by ``alpha(t)``, and
+        drop scores read the dense weights (see :func:`jaxsparse.core`).
     """
     topology = _drop_grow_topology(
         drop_score, grow_score, drop_fraction, drop_fraction_anneal, update_every, end_step, bool(regrow_dropped)
@@ -125,6 +129,7 @@ def dynamic_sparse(
     return sparsifier(
         inner, sparsity=as_distribution(sparsity), topology=topology,
         include=include, exclude=exclude, overrides=overrides, seed=seed,
+        gradient_annealing=gradient_annealing,
     )
 
 
@@ -141,6 +146,7 @@ def set_sparse(
     include=None,
     exclude=None,
     overrides=None,
+    gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """SET, Sparse Evolutionary Training (Mocanu et al., 2018, "Scalable training of artificial
     neural networks with adaptive sparse connectivity inspired by network science", Nature
@@ -163,7 +169,7 @@ def set_sparse(
         inner, sparsity=paper_distribution(sparsity, er), grow_score=score_fns.random,
         update_every=update_every, end_step=end_step, drop_fraction=drop_fraction,
         drop_fraction_anneal=drop_fraction_anneal, regrow_dropped=regrow_dropped,
-        seed=seed, include=include, exclude=exclude, overrides=overrides,
+        seed=seed, include=include, exclude=exclude, overrides=overrides, gradient_annealing=gradient_annealing,
     )
 
 
@@ -180,6 +186,7 @@ def rigl(
     include=None,
     exclude=None,
     overrides=None,
+    gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """RigL, Rigged Lottery (Evci et al., 2020, "Rigging the Lottery: Making All Tickets
     Winners", ICML).
@@ -207,5 +214,5 @@ def rigl(
         inner, sparsity=paper_distribution(sparsity, erk), grow_score=score_fns.gradient_magnitude,
         update_every=update_every, end_step=end_step, drop_fraction=drop_fraction,
         drop_fraction_anneal=drop_fraction_anneal, regrow_dropped=regrow_dropped,
-        seed=seed, include=include, exclude=exclude, overrides=overrides,
+        seed=seed, include=include, exclude=exclude, overrides=overrides, gradient_annealing=gradient_annealing,
     )

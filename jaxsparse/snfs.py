@@ -124,6 +124,7 @@ def snfs(
     include=None,
     exclude=None,
     overrides=None,
+    gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """SNFS / sparse momentum (Dettmers & Zettlemoyer, 2019, "Sparse Networks from Scratch:
     Faster Training without Losing Performance").
@@ -156,6 +157,9 @@ def snfs(
         regrowth only at positions inactive before the update, and each leaf drops at most its
         number of inactive positions.
       seed, include, exclude, overrides: see :func:`jaxsparse.core`.
+      gradient_annealing: None (default), or a float or ``step -> alpha`` function: dropped
+        weights keep training as dense shadow weights with gradients scaled by ``alpha(t)``, and
+        drop scores read the dense weights (see :func:`jaxsparse.core`).
     """
     if end_step is None:
         raise ValueError("snfs needs end_step, the step at which its cosine prune rate reaches 0")
@@ -165,4 +169,5 @@ def snfs(
     return sparsifier(
         inner, sparsity=paper_distribution(sparsity, uniform), topology=topology,
         include=include, exclude=exclude, overrides=overrides, seed=seed,
+        gradient_annealing=gradient_annealing,
     )

@@ -151,6 +151,7 @@ def srigl(
     include=None,
     exclude=None,
     overrides=None,
+    gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """SRigL (Lasby et al., 2024, "Dynamic Sparse Training with Structured Sparsity", ICLR):
     RigL with a constant fan-in per output neuron and neuron ablation.
@@ -173,6 +174,9 @@ def srigl(
       output_axis: the axis of output neurons in every sparsified leaf (-1 for flax/haiku
         ``(in, out)`` kernels, 0 for equinox/PyTorch ``(out, in)`` weights).
       seed, include, exclude, overrides: see :func:`jaxsparse.core`.
+      gradient_annealing: None (default), or a float or ``step -> alpha`` function: dropped
+        weights keep training as dense shadow weights with gradients scaled by ``alpha(t)``, and
+        drop scores read the dense weights (see :func:`jaxsparse.core`).
     """
     if end_step is None:
         raise ValueError("srigl needs end_step, the step at which its cosine drop fraction reaches 0")
@@ -184,4 +188,5 @@ def srigl(
     return sparsifier(
         inner, sparsity=paper_distribution(sparsity, erk), topology=topology,
         include=include, exclude=exclude, overrides=overrides, seed=seed,
+        gradient_annealing=gradient_annealing,
     )
