@@ -4,7 +4,7 @@ Masks are pytrees alongside params; sparsifiers are optax gradient transformatio
 params exactly sparse inside an ordinary jit-compiled training loop. See DESIGN.md.
 
 Where things are: the core transformation in ``core``; shared machinery in ``masks``, ``leaves``,
-``selection``, ``scores``, ``distributions``, ``schedules`` and ``dst`` (dynamic sparse training);
+``selection``, ``scores``, ``distributions``, ``schedules``, ``structures`` and ``dst`` (dynamic sparse training);
 one module per method family: ``pruning`` (magnitude, random, saliency, global, LAMP, static),
 ``rigl`` (SET and RigL), ``snfs``, ``srigl``, ``topkast``. Flax layers (block-sparse dense and
 attention) are in ``jaxsparse.nn``, loaded on first use because they need flax.
@@ -46,6 +46,7 @@ from jaxsparse.schedules import (
 from jaxsparse.selection import top_k_mask, top_k_masks, top_k_masks_nested, top_k_masks_per_leaf, top_k_per_column
 from jaxsparse.snfs import snfs
 from jaxsparse.srigl import srigl
+from jaxsparse.structures import Structure, blocks, channels, constant_fan_in, n_of_m, unstructured
 from jaxsparse.topkast import topkast
 
 __version__ = "0.1.0"
@@ -64,6 +65,8 @@ __all__ = [
     "global_magnitude_pruning", "lamp_pruning", "static_sparse",
     # dynamic sparse training
     "dynamic_sparse", "set_sparse", "rigl", "snfs", "srigl", "topkast",
+    # structures
+    "Structure", "unstructured", "n_of_m", "blocks", "channels", "constant_fan_in",
     # reporting
     "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]
