@@ -6,7 +6,8 @@ params exactly sparse inside an ordinary jit-compiled training loop. See DESIGN.
 Where things are: the core transformation in ``core``; shared machinery in ``masks``, ``leaves``,
 ``selection``, ``scores``, ``distributions``, ``schedules``, ``structures`` and ``dst`` (dynamic sparse training);
 one module per method family: ``pruning`` (magnitude, random, saliency, global, LAMP, static),
-``rigl`` (SET and RigL), ``snfs``, ``srigl``, ``topkast``. Flax layers (block-sparse dense and
+``rigl`` (SET and RigL), ``snfs``, ``srigl``, ``topkast``, ``ste`` (STE, SR-STE, ST-3),
+``autosparse``, ``progressive`` (MDGF, SDGF). Flax layers (block-sparse dense and
 attention) are in ``jaxsparse.nn``, loaded on first use because they need flax.
 """
 
@@ -48,6 +49,10 @@ from jaxsparse.snfs import snfs
 from jaxsparse.srigl import srigl
 from jaxsparse.structures import Structure, blocks, channels, constant_fan_in, n_of_m, unstructured
 from jaxsparse.topkast import topkast
+from jaxsparse.ste import sr_ste, st3, ste
+from jaxsparse.autosparse import autosparse, autosparse_alpha
+from jaxsparse.progressive import mdgf, sdgf, sdgf_stages
+from jaxsparse.schedules import mask_decay, sigmoid_cosine_decay
 
 __version__ = "0.1.0"
 
@@ -67,6 +72,9 @@ __all__ = [
     "dynamic_sparse", "set_sparse", "rigl", "snfs", "srigl", "topkast",
     # structures
     "Structure", "unstructured", "n_of_m", "blocks", "channels", "constant_fan_in",
+    # gradient annealing and the straight-through family
+    "ste", "sr_ste", "st3", "autosparse", "autosparse_alpha", "mdgf", "sdgf", "sdgf_stages",
+    "sigmoid_cosine_decay", "mask_decay",
     # reporting
     "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]

@@ -12,6 +12,10 @@ its budget up; float32 rounding never changes a count.
 - ``SparsitySchedule(optax.linear_schedule(0.0, 1.0, 5_000, 1_000), begin_step=1_000, end_step=6_000)``:
   any optax schedule with its window.
 
+Gradient annealing takes a ``step -> alpha`` factor for the gradients of pruned weights:
+:func:`sigmoid_cosine_decay` (AutoSparse, Kundu et al. 2023) and :func:`mask_decay` (MDGF,
+Bambhaniya et al. 2024), or any function of the step.
+
 Dynamic sparse training takes a drop fraction instead: a float with
 ``drop_fraction_anneal="constant"`` or ``"cosine"`` (:func:`cosine_drop_fraction` is RigL's
 decay), or any ``step -> fraction`` function.
@@ -31,6 +35,8 @@ __all__ = [
     "polynomial_schedule",
     "one_shot_schedule",
     "cosine_drop_fraction",
+    "sigmoid_cosine_decay",
+    "mask_decay",
 ]
 
 
@@ -149,5 +155,61 @@ def cosine_drop_fraction(drop_fraction: float, end_step: int):
         t = jnp.asarray(step, jnp.float32)
         value = d / 2.0 * (1.0 + jnp.cos(math.pi * t / end_step))
         return jnp.where(t < end_step, value, 0.0)
+
+    return fn
+
+
+def sigmoid_cosine_decay(alpha: float, end_step: int, low: float = -6.0, high: float = 6.0):
+    """AutoSparse's gradient-annealing factor (Kundu et al., 2023, "AutoSparse: Towards Automated
+    Sparse Training of Deep Neural Networks", arXiv 2304.06941): a non-linear decay from
+    ``alpha`` at step 0, the larger of a cosine and a sigmoid decay over ``[0, end_step]``::
+
+        alpha(t) = alpha * max( (1 + cos(pi p)) / 2,  1 - sigmoid(low + (high - low) p) ),  p = t / end_step
+
+    and ``alpha(t) = 0`` from ``end_step`` on (pruned weights then get no gradient, and nothing
+    pruned returns). The cosine term dominates early (a slow start), the sigmoid term late (a long
+    tail); ``low = -6``, ``high = 6`` make the sigmoid span the window. See :mod:`jaxsparse.autosparse`
+    for how this form was checked. Returns a ``step -> alpha`` function (traced or host).
+    """
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1]; got {alpha!r}")
+    _check_window(0, end_step)
+    if end_step == 0:
+        raise ValueError("end_step must be > 0 for the sigmoid-cosine decay")
+    low, high = float(low), float(high)
+
+    def fn(step):
+        t = jnp.asarray(step, jnp.float32)
+        p = jnp.clip(t / end_step, 0.0, 1.0)
+        cosine = (1.0 + jnp.cos(math.pi * p)) / 2.0
+        sigmoid = 1.0 - 1.0 / (1.0 + jnp.exp(-(low + (high - low) * p)))
+        return jnp.where(t < end_step, alpha * jnp.maximum(cosine, sigmoid), 0.0)
+
+    return fn
+
+
+def mask_decay(kind: str = "exponential", coef: float = 1e-3, begin_step: int = 0):
+    """MDGF's decay of the pruned positions' factor (Bambhaniya et al., 2024, "Progressive Gradient
+    Flow for Robust N:M Sparsity Training in Transformers", arXiv 2402.04744), as in their code:
+
+    - ``"linear"``: ``beta(t) = max(0, 1 - coef * (t - begin_step))``
+    - ``"exponential"``: ``beta(t) = exp(-coef * (t - begin_step))``
+
+    and 1 before ``begin_step``. Returns a ``step -> beta`` function (see :func:`jaxsparse.mdgf`
+    for how it is used).
+    """
+    if kind not in ("linear", "exponential"):
+        raise ValueError(f"kind must be 'linear' or 'exponential'; got {kind!r}")
+    coef = float(coef)
+    if not coef > 0:
+        raise ValueError(f"coef must be > 0; got {coef!r}")
+    _check_window(begin_step, begin_step)
+
+    def fn(step):
+        elapsed = jnp.maximum(jnp.asarray(step, jnp.float32) - begin_step, 0.0)
+        if kind == "linear":
+            return jnp.maximum(0.0, 1.0 - coef * elapsed)
+        return jnp.exp(-coef * elapsed)
 
     return fn
