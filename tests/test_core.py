@@ -301,3 +301,86 @@ def test_a_leaf_too_large_for_selection_is_named_at_init():
     # Excluded, it stays dense and the rest is sparsified.
     state = jax.eval_shape(js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, exclude="embed").init, params)
     assert state.masks["embed"] is None and state.masks["w"].shape == (8, 8)
+
+
+# -- gradient annealing (gradient_annealing=) -------------------------------------------------
+
+
+def recovery_run(alpha, steps=6):
+    """Magnitude pruning to 50% at every step of [0, 10], with a loss that pushes the smallest
+    weight up; returns the kernel's masks after each step and the last state."""
+    kernel = jnp.concatenate([jnp.array([0.01]), jnp.linspace(2.0, 4.0, 15)]).reshape(4, 4)
+    params = {"Dense_0": {"kernel": kernel}}
+    schedule = js.SparsitySchedule(lambda t: 1.0, begin_step=0, end_step=10)
+    tx = js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, schedule=schedule, update_every=1, gradient_annealing=alpha)
+    params, state = js.init(tx, params)
+    loss = lambda p: -10.0 * p["Dense_0"]["kernel"][0, 0]
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(jax.grad(loss)(p), s, p)))
+    masks = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        mask = np.asarray(state.masks["Dense_0"]["kernel"])
+        assert mask.sum() == 8
+        assert np.all(np.asarray(params["Dense_0"]["kernel"])[~mask] == 0)  # exactly 0 where pruned
+        masks.append(mask[0, 0])
+    return masks, state
+
+
+@pytest.mark.compat
+def test_annealed_gradient_lets_a_pruned_weight_recover():
+    masks, state = recovery_run(1.0)
+    # pruned after step 0 (1.01 < the kept weights), its dense value grows by 1 a step, and it is
+    # kept again once it passes the smallest kept weight (~2.9)
+    assert masks[0] == False and masks[-1] == True
+    assert float(state.shadow["Dense_0"]["kernel"][0, 0]) == pytest.approx(0.01 + 6 * 1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, lambda step: 0.0 * step], ids=["float", "schedule"])
+def test_with_alpha_zero_nothing_pruned_returns(alpha):
+    masks, state = recovery_run(alpha)
+    assert not any(masks)
+    # its dense value is frozen once pruned (the first step trained it while it was kept)
+    assert float(state.shadow["Dense_0"]["kernel"][0, 0]) == pytest.approx(1.01, rel=1e-5)
+
+
+def test_shadow_weights_take_the_straight_through_gradient_scaled_by_alpha():
+    """A hand-written reference: with sgd(lr), dense <- dense - lr * (g on the mask, alpha(t) g
+    elsewhere), g the gradient at the masked params; params = dense on the mask, 0 elsewhere."""
+    lr = 0.05
+    alpha = lambda step: 0.5 / (1.0 + step)
+    tx = js.magnitude_pruning(optax.sgd(lr), sparsity=0.75, gradient_annealing=alpha)
+    params, state = js.init(tx, mlp_params())
+    dense = {k: np.asarray(mlp_params()[k]["kernel"]) for k in ("Dense_0", "Dense_1")}
+    step = jax.jit(lambda p, s, x, y: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(jax.grad(mlp_loss)(p, x, y), s, p)))
+    for t in range(3):
+        grads = jax.grad(mlp_loss)(params, *batch(t))
+        old_masks = js.get_masks(state)
+        params, state = step(params, state, *batch(t))
+        for k in dense:
+            m, g = np.asarray(old_masks[k]["kernel"]), np.asarray(grads[k]["kernel"])
+            dense[k] = dense[k] - lr * np.where(m, g, alpha(t) * g)
+            np.testing.assert_allclose(np.asarray(state.shadow[k]["kernel"]), dense[k], rtol=1e-5, atol=1e-6)
+            new_mask = np.asarray(state.masks[k]["kernel"])
+            np.testing.assert_array_equal(np.asarray(params[k]["kernel"]), np.where(new_mask, np.asarray(state.shadow[k]["kernel"]), 0.0))
+        # biases are not sparsified: trained as usual, no shadow
+        assert state.shadow["Dense_0"]["bias"] is None
+
+
+def test_annealed_state_is_a_pytree_and_restores():
+    tx = js.rigl(optax.adam(1e-2), sparsity=0.5, update_every=2, end_step=10, gradient_annealing=0.3)
+    params, state = js.init(tx, mlp_params())
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    grads = jax.grad(mlp_loss)(params, *batch(0))
+    a, _ = tx.update(grads, state, params)
+    b, _ = tx.update(grads, again, params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    restored = state._asdict()  # a checkpoint restored without a target: masks still found
+    np.testing.assert_array_equal(js.get_masks(restored)["Dense_0"]["kernel"], state.masks["Dense_0"]["kernel"])
+
+
+def test_gradient_annealing_errors():
+    for bad in (1.5, -0.1, "half", True):
+        with pytest.raises(ValueError, match="gradient_annealing"):
+            js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, gradient_annealing=bad)
