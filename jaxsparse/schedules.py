@@ -167,8 +167,9 @@ def sigmoid_cosine_decay(alpha: float, end_step: int, low: float = -6.0, high: f
         alpha(t) = alpha * max( (1 + cos(pi p)) / 2,  1 - sigmoid(low + (high - low) p) ),  p = t / end_step
 
     and ``alpha(t) = 0`` from ``end_step`` on (pruned weights then get no gradient, and nothing
-    pruned returns). The cosine term dominates early (a slow start), the sigmoid term late (a long
-    tail); ``low = -6``, ``high = 6`` make the sigmoid span the window. See :mod:`jaxsparse.autosparse`
+    pruned returns). The sigmoid term is the larger over the first part of the window (alpha stays
+    near its start), the cosine term over the last; ``low = -6``, ``high = 6`` make the sigmoid
+    span the window. See :mod:`jaxsparse.autosparse`
     for how this form was checked. Returns a ``step -> alpha`` function (traced or host).
     """
     alpha = float(alpha)
