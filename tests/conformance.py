@@ -32,7 +32,16 @@ FACTORIES = {
     # The backward set equals the forward set here, so moments stay zero off the forward masks;
     # tests/test_topkast.py runs these checks with a larger backward set.
     "topkast": lambda inner: js.topkast(inner, sparsity=0.75, backward_sparsity=0.75, penalty=1e-3, update_every=2),
+    # Gradient annealing and the straight-through family: dense shadow weights in the state
+    # (sr_ste: the STE topology; st3: a forward hook; autosparse: learned thresholds, annealing).
+    "sr_ste": lambda inner: js.sr_ste(inner, n=2, m=4),
+    "st3": lambda inner: js.st3(inner, sparsity=0.75, end_step=4),
+    "autosparse": lambda inner: js.autosparse(inner, end_step=6, threshold_init=-1.0),
 }
+
+# Transformations whose inner optimizer trains dense shadow weights: their moments are dense (a
+# pruned weight keeps training), so the moment checks do not apply.
+SHADOW_WEIGHTS = {"sr_ste", "st3", "autosparse"}
 
 
 def mlp_params(dtype=jnp.float32, seed=0):
