@@ -31,7 +31,7 @@ from jaxsparse import scores as score_fns
 from jaxsparse.distributions import as_distribution, keep_count
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
 from jaxsparse.masks import random_masks
-from jaxsparse.selection import select_top_k
+from jaxsparse.structures import select_top_k
 from jaxsparse.core import Topology, TopologyInputs, periodic_updates, sparsifier
 
 __all__ = [
@@ -60,6 +60,18 @@ def keep_table(size: int, sparsity: float, fractions) -> list[int]:
     return table
 
 
+def leaf_keep_table(leaf, fractions) -> list[int]:
+    """Units a planned leaf keeps at each schedule fraction: :func:`keep_table` per cell of its
+    structure, times the number of cells (one cell unless N:M or constant fan-in), so it ends at
+    exactly the leaf's budget in whole units. N:M goes from ``m`` to ``n`` per group (``m -
+    floor(f (m - n))``)."""
+    layout = leaf.layout
+    cells, quota = layout.cells(leaf.shape), layout.cell_quota(leaf.shape, leaf.sparsity, leaf.name)
+    table = keep_table(layout.cell_units(leaf.shape), leaf.sparsity, fractions)
+    fractions = np.asarray(fractions, np.float64).tolist()
+    return [cells * (quota if f >= 1.0 else max(k, quota)) for k, f in zip(table, fractions)]
+
+
 def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, global_sparsity):
     """Topology that prunes active entries by ``score`` to the scheduled budget.
 
@@ -73,14 +85,19 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
 
     def update(inputs: TopologyInputs):
         row = jnp.searchsorted(jnp.asarray(steps, jnp.int32), inputs.step)  # steps are update steps
-        active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
+        layouts = [leaf.layout for leaf in inputs.plan]
+        # Counts are in units: whole tiles or channels under a structure, entries otherwise.
+        active = [jnp.sum(s.unit_mask(m), dtype=jnp.int32) for s, m in zip(layouts, inputs.masks)]
         # Group leaves: each leaf its own budget, except that global scope pools every leaf not
-        # fixed by an override into one group sharing one budget (exact counts: a pool may hold
-        # more than 2**31 weights). One search serves all groups.
+        # fixed by an override (nor selecting per cell, as N:M does) into one group sharing one
+        # budget (exact counts: a pool may hold more than 2**31 weights). One search serves all.
         group_of, budgets = [], []
-        pooled = [i for i, leaf in enumerate(inputs.plan) if global_sparsity is not None and not leaf.overridden]
+        pooled = [
+            i for i, leaf in enumerate(inputs.plan)
+            if global_sparsity is not None and not leaf.overridden and leaf.layout.cells(leaf.shape) == 1
+        ]
         if pooled:
-            table = counts.count(keep_table(sum(inputs.plan[i].size for i in pooled), global_sparsity, fractions))
+            table = counts.count(keep_table(sum(inputs.plan[i].units for i in pooled), global_sparsity, fractions))
             pooled_active = counts.sum(jnp.stack([active[i] for i in pooled]))
             budgets.append(counts.minimum(jax.tree.map(lambda words: jnp.asarray(words)[row], table), pooled_active))
         for i, leaf in enumerate(inputs.plan):
@@ -88,11 +105,10 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
                 group_of.append(0)
             else:
                 group_of.append(len(budgets))
-                table = jnp.asarray(keep_table(leaf.size, leaf.sparsity, fractions), jnp.int32)  # a leaf < 2**31
-                budgets.append(jnp.minimum(table[row], active[i]))
+                budgets.append(jnp.minimum(jnp.asarray(leaf_keep_table(leaf, fractions), jnp.int32)[row], active[i]))
         # Only active entries are eligible, so a pruned entry never comes back.
         scores = score_fns.per_leaf(score, inputs.params, inputs.grads, inputs.key)
-        new = select_top_k(scores, counts.stack(budgets), group_of, where=inputs.masks)
+        new = select_top_k(layouts, scores, counts.stack(budgets), group_of, where=inputs.masks)
         return new, inputs.aux
 
     return Topology(
@@ -106,7 +122,7 @@ def pruning(
     inner: optax.GradientTransformation,
     *,
     score,
-    sparsity,
+    sparsity=None,
     schedule: SparsitySchedule | None = None,
     update_every: int = 100,
     scope: str = "layer",
@@ -114,6 +130,8 @@ def pruning(
     exclude=None,
     overrides=None,
     seed=0,
+    structure=None,
+    dense_if_untileable: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Prune by any score (see :mod:`jaxsparse.scores`) on a schedule.
 
@@ -136,6 +154,10 @@ def pruning(
       update_every: steps between topology updates inside the schedule's window.
       scope: ``"layer"`` (each leaf to its own target) or ``"global"`` (one threshold).
       include, exclude, overrides, seed: see :func:`jaxsparse.core`.
+      structure, dense_if_untileable: see :func:`jaxsparse.sparsifier`: prune whole groups by
+        their aggregated scores (``js.blocks(r, c)``: tiles; ``js.channels()``: output units,
+        which ``scope="global"`` pools across leaves) or to N:M (``js.n_of_m(2, 4)``, with
+        ``sparsity`` omitted; a gradual schedule lowers the count per group from ``m`` to ``n``).
     """
     schedule = one_shot_schedule(0) if schedule is None else schedule
     if not isinstance(schedule, SparsitySchedule):
@@ -149,19 +171,23 @@ def pruning(
         )
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global'; got {scope!r}")
-    distribution = as_distribution(sparsity)
+    distribution = None if sparsity is None else as_distribution(sparsity)
     global_sparsity = None
-    if scope == "global":
+    if scope == "global" and distribution is not None:
         if distribution.name != "uniform":
             raise ValueError(f"global pruning takes a float sparsity, not the distribution {distribution!r}")
         global_sparsity = distribution.sparsity
     topology = _pruning_topology(score, schedule, update_every, global_sparsity)
     return sparsifier(
-        inner, sparsity=distribution, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
+        inner, sparsity=distribution, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
+        structure=structure, dense_if_untileable=dense_if_untileable,
     )
 
 
-def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
+def magnitude_pruning(
+    inner, *, sparsity=None, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None,
+    structure=None, dense_if_untileable=False
+):
     """Magnitude pruning, per layer (Han et al., 2015; gradual: Zhu & Gupta, 2018).
 
     One-shot at step 0 by default; pass ``schedule=polynomial_schedule(begin, end)`` for gradual
@@ -175,11 +201,15 @@ def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=
     """
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable,
     )
 
 
-def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None, seed=0):
+def random_pruning(
+    inner, *, sparsity=None, schedule=None, update_every=100, include=None, exclude=None, overrides=None, seed=0,
+    structure=None, dense_if_untileable=False
+):
     """Random pruning, per layer: the baseline of Liu et al. (2022), "The unreasonable
     effectiveness of random pruning", ICLR. See :func:`pruning`.
 
@@ -190,11 +220,15 @@ def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=
     """
     return pruning(
         inner, score=score_fns.random, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable,
     )
 
 
-def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
+def saliency_pruning(
+    inner, *, sparsity=None, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None,
+    structure=None, dense_if_untileable=False
+):
     """Pruning by first-order saliency ``|w * g|`` on the step's gradient (Molchanov et al.,
     2017; SNIP, Lee et al., 2019), per layer. See :func:`pruning`.
 
@@ -205,11 +239,15 @@ def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0
     """
     return pruning(
         inner, score=score_fns.saliency, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable,
     )
 
 
-def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
+def global_magnitude_pruning(
+    inner, *, sparsity: float | None = None, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None,
+    structure=None, dense_if_untileable=False
+):
     """Magnitude pruning with one threshold over all sparsified leaves (Han et al., 2015;
     compared in Blalock et al., 2020). See :func:`pruning`.
 
@@ -221,11 +259,15 @@ def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_ev
     """
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
+        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable,
     )
 
 
-def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None):
+def lamp_pruning(
+    inner, *, sparsity: float | None = None, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None,
+    structure=None, dense_if_untileable=False
+):
     """LAMP: global selection on layer-adaptive magnitude scores (Lee et al., 2021, ICLR).
     See :func:`jaxsparse.scores.lamp` and :func:`pruning`.
 
@@ -236,13 +278,17 @@ def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, see
     """
     return pruning(
         inner, score=score_fns.lamp, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
+        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable,
     )
 
 
-def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overrides=None):
+def static_sparse(inner, *, sparsity=None, seed=0, include=None, exclude=None, overrides=None, structure=None,
+                  dense_if_untileable=False):
     """Static sparse training: a random mask drawn at init (exactly ``N - floor(s N)`` entries
     per leaf, spread by the distribution: ``erk(0.9)``, ``er(0.9)`` or a float), fixed afterwards.
+    With ``structure`` (see :func:`jaxsparse.sparsifier`) the random mask is of whole groups
+    (random tiles, a random ``n`` of every ``m``).
 
     The baseline of Mocanu et al. (2018) and Evci et al. (2020). ``tx.init`` cannot change
     params: start with ``js.init(tx, params)``, which returns them masked, so the first step
@@ -255,5 +301,6 @@ def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overri
     """
     topology = Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=None, is_update_step=None)
     return sparsifier(
-        inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
+        inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
+        structure=structure, dense_if_untileable=dense_if_untileable,
     )
