@@ -64,10 +64,11 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
+from jaxsparse.distributions import Distribution, as_distribution, check_sparsity
 from jaxsparse.leaves import match_overrides, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, check_structure, is_none, map_masked
 from jaxsparse.selection import check_leaf_size
+from jaxsparse.structures import Structure, as_structure
 
 __all__ = [
     "SparsifierState",
@@ -109,18 +110,37 @@ class SparsifierState(NamedTuple):
 
 
 class LeafPlan(NamedTuple):
-    """A sparsified leaf: its name, shape, target sparsity, exact budget ``N - floor(s N)``, and
-    whether its target came from an override rather than the distribution."""
+    """A sparsified leaf: its name, shape, target sparsity, exact budget of kept entries (``N -
+    floor(s N)`` unstructured; whole groups under a structure), whether its target came from an
+    override rather than the distribution, and its structure (None: unstructured).
+
+    Topologies count in *units* (:mod:`jaxsparse.structures`): ``units`` and ``keep_units`` are
+    the leaf's groups (tiles, channels; entries when unstructured or N:M) and how many it keeps.
+    """
 
     name: str
     shape: tuple
     sparsity: float
     keep: int
     overridden: bool = False
+    structure: Structure | None = None
 
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def layout(self) -> Structure:
+        """The leaf's structure (``unstructured()`` for None)."""
+        return as_structure(self.structure)
+
+    @property
+    def units(self) -> int:
+        return self.layout.units(self.shape)
+
+    @property
+    def keep_units(self) -> int:
+        return self.keep // self.layout.group_size(self.shape)
 
 
 class TopologyInputs(NamedTuple):
@@ -238,30 +258,56 @@ def periodic_updates(update_every: int, begin_step: int = 0, end_step: int | Non
     return is_update_step
 
 
-def plan_leaves(params, sparsity, *, include=None, exclude=None, overrides=None) -> tuple[LeafPlan, ...]:
+def _structures_by_leaf(names, structure) -> dict:
+    """``{leaf name: Structure}`` from one structure (None: unstructured) or ``{regex: structure
+    or None}`` (first match wins; unmatched leaves are unstructured)."""
+    if structure is None or isinstance(structure, Structure):
+        return {n: as_structure(structure) for n in names}
+    if isinstance(structure, dict):
+        matched = match_overrides(names, structure)
+        return {n: as_structure(matched.get(n)) for n in names}
+    return {n: as_structure(structure) for n in names}  # raises, naming the bad value
+
+
+def plan_leaves(
+    params, sparsity, *, include=None, exclude=None, overrides=None, structure=None, dense_if_untileable=False
+) -> tuple[LeafPlan, ...]:
     """The sparsified leaves of ``params`` with their targets and exact budgets, in leaf order.
 
-    What every sparsifier computes at ``init`` from its ``sparsity`` (a float or a distribution),
-    ``include`` / ``exclude`` filters and ``overrides``; :func:`jaxsparse.preview_sparsity`
-    prints it as a table.
+    What every sparsifier computes at ``init`` from its ``sparsity`` (a float or a distribution;
+    None when every leaf's structure implies one, as N:M does), ``include`` / ``exclude``
+    filters, ``overrides`` and ``structure`` (see :func:`sparsifier`); budgets count whole groups
+    of the leaf's structure. :func:`jaxsparse.preview_sparsity` prints it as a table.
     """
-    distribution = as_distribution(sparsity)
+    distribution = None if sparsity is None else as_distribution(sparsity)
     chosen = select_leaves(params, include, exclude)
     names = [n for n, ok in chosen.items() if ok]
+    shapes = {path_to_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    structures = _structures_by_leaf(names, structure)
+    if dense_if_untileable:
+        names = [n for n in names if structures[n].tileable(shapes[n])]
+    for name in names:
+        structures[name].check(name, shapes[name])
     fixed = match_overrides(names, overrides)
     for name, value in fixed.items():
         if value is not None:
             fixed[name] = check_sparsity(value, f"override for leaf {name!r}")
-    shapes = {path_to_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    solved = distribution.solve({n: shapes[n] for n in names if n not in fixed})
+    free = {n: shapes[n] for n in names if n not in fixed}
+    solved = {} if distribution is None else distribution.solve(free)
     plan = []
     for name in names:
-        s = fixed[name] if name in fixed else solved[name]
+        layout = structures[name]
+        s = fixed[name] if name in fixed else solved.get(name, layout.implied_sparsity)
+        if name not in fixed and distribution is None and s is None:
+            raise ValueError(
+                f"leaf {name!r} needs a target sparsity: sparsity=None is only for structures that imply one "
+                f"(n_of_m), and its structure is {layout!r}"
+            )
         if s is None:
             continue
         check_leaf_size(name, shapes[name])
-        size = math.prod(int(d) for d in shapes[name])
-        plan.append(LeafPlan(name, shapes[name], float(s), keep_count(size, s), name in fixed))
+        keep = layout.keep(shapes[name], s, name)  # checks s against the structure (N:M: 1 - n/m)
+        plan.append(LeafPlan(name, shapes[name], float(s), keep, name in fixed, None if layout.is_unstructured else layout))
     return tuple(plan)
 
 
@@ -403,6 +449,8 @@ def sparsifier(
     exclude=None,
     overrides=None,
     seed=0,
+    structure=None,
+    dense_if_untileable: bool = False,
     gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """The core sparsifier transformation that every jaxsparse algorithm configures.
@@ -410,7 +458,7 @@ def sparsifier(
     Args:
       inner: the optax transformation to wrap (adam, sgd, a chain, ``inject_hyperparams``...).
       sparsity: a float (uniform) or a :class:`~jaxsparse.distributions.Distribution` giving
-        each sparsified leaf's target sparsity.
+        each sparsified leaf's target sparsity; None with a structure that implies it (N:M).
       topology: the rule that initialises and updates masks (see :class:`Topology`).
       include, exclude: regexes on leaf paths choosing the sparsified leaves (default: the
         weights of dense, convolution, attention and embedding layers; no bias, norm parameter
@@ -418,6 +466,14 @@ def sparsifier(
       overrides: ``{regex: sparsity or None}``; a matched leaf gets that sparsity instead of the
         distribution's (``None`` keeps it dense); the distribution is solved over the rest.
       seed: int or PRNG key for the topology's randomness.
+      structure: how scores become masks (:mod:`jaxsparse.structures`): None (unstructured),
+        ``js.n_of_m(2, 4)``, ``js.blocks(128, 128)``, ``js.channels()``, ``js.constant_fan_in()``,
+        or ``{regex: structure or None}`` per leaf (first match; unmatched leaves unstructured).
+        Budgets count whole groups (a leaf of ``T`` tiles at ``s`` keeps ``T - floor(s T)``
+        tiles; N:M keeps ``n`` of every ``m``), and the topology selects whole groups by their
+        aggregated scores, so dynamic sparse training keeps each leaf's group count constant.
+      dense_if_untileable: a leaf the structure cannot tile raises a ValueError naming the leaf,
+        its shape and the structure; True keeps such leaves dense instead.
       gradient_annealing: None (default: gradients of pruned weights are zero, no shadow
         weights), or a float in [0, 1] or a ``step -> alpha`` function: train dense shadow
         weights kept in the state, pruned positions' gradients scaled by ``alpha(t)`` (see the
@@ -430,7 +486,7 @@ def sparsifier(
       ``-param`` updates that zero pruned entries (the sparsifier warns when traced so), one before it would
       see the pruned weights' gradients (``clip_by_global_norm`` would count them).
     """
-    distribution = as_distribution(sparsity)
+    distribution = None if sparsity is None else as_distribution(sparsity)
     inner = optax.with_extra_args_support(inner)
     annealing = as_annealing(gradient_annealing)
     if annealing is not None and (topology.finish is not None or topology.inner_params is not None):
@@ -448,7 +504,10 @@ def sparsifier(
         flat, treedef = jax.tree_util.tree_flatten(params)
         signature = (treedef, tuple(tuple(getattr(x, "shape", ())) for x in flat))
         if signature not in plans:
-            plans[signature] = plan_leaves(params, distribution, include=include, exclude=exclude, overrides=overrides)
+            plans[signature] = plan_leaves(
+                params, distribution, include=include, exclude=exclude, overrides=overrides, structure=structure,
+                dense_if_untileable=dense_if_untileable,
+            )
         return plans[signature]
 
     def init_fn(params):

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxsparse.distributions import Distribution, check_sparsity
+from jaxsparse.distributions import Distribution, check_sparsity, uniform
+from jaxsparse.structures import Structure, as_structure
 from jaxsparse.selection import top_k_masks_nested, top_k_masks_per_leaf
 from jaxsparse.core import check_positive_int
 from jaxsparse.schedules import host_fractions
@@ -48,11 +49,17 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxsparse.dst' has no attribute {name!r}")
 
 
-def paper_distribution(sparsity, default: Callable[[float], Distribution]) -> Distribution:
+def paper_distribution(sparsity, default: Callable[[float], Distribution], structure=None) -> Distribution | None:
     """``sparsity`` as a distribution: a :class:`Distribution` as given, a number spread by the
-    method's published ``default`` (``erk`` for RigL, ``er`` for SET, ...)."""
-    if isinstance(sparsity, Distribution):
+    method's published ``default`` (``erk`` for RigL, ``er`` for SET, ...).
+
+    Under a structure that implies its sparsity (N:M: ``1 - n/m`` in every leaf) a number is the
+    same in every leaf (uniform; checked against the structure per leaf), and None stays None.
+    """
+    if isinstance(sparsity, Distribution) or sparsity is None:
         return sparsity
+    if isinstance(structure, Structure) and structure.implied_sparsity is not None:
+        return uniform(check_sparsity(sparsity))
     return default(check_sparsity(sparsity))
 
 
@@ -151,7 +158,7 @@ def _banded(mask, drop_scores, grow_scores):
     return jnp.where(mask, reversed_bits(drop_scores), -reversed_bits(grow_scores))
 
 
-def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow, *, regrow_dropped: bool = True):
+def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow, *, regrow_dropped: bool = True, structures=None):
     """The drop-and-grow selection of all leaves: per leaf, drop the ``n_drop[i]`` active entries
     of ``masks[i]`` with the lowest ``drop_scores`` and grow ``n_grow[i]`` entries with the
     highest ``grow_scores``. Returns ``(new_masks, kept, grown)`` lists: the new masks, the active
@@ -174,10 +181,52 @@ def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow, *, regrow_dro
       :func:`jaxsparse.selection.top_k_masks_nested` (shared passes): the dropped set is its top
       ``n_drop`` (ties dropped lowest flat index first) and active plus grown its top ``active +
       n_grow``.
+
+    ``structures`` (one per leaf, None: unstructured) make it drop and grow whole groups: counts
+    are in units (tiles, channels), the scores are aggregated per unit
+    (:meth:`~jaxsparse.structures.Structure.to_units`), the rule above runs on the unit arrays
+    and the unit masks are expanded back. Per-cell structures (N:M, constant fan-in) drop the
+    ``n_drop`` active entries of lowest drop score anywhere in the leaf, then every cell grows
+    back what it lost (its deficit, by grow score), so each cell keeps its quota and the leaf
+    grows exactly ``n_drop`` (``n_grow`` is not used for them). With ``regrow_dropped=False``
+    the just-dropped entries of a cell are grown back only when it has too few others.
     """
     masks = list(masks)
     if not masks:
         return [], [], []
+    if structures is None:
+        return _drop_and_grow_units(masks, drop_scores, grow_scores, n_drop, n_grow, regrow_dropped)
+    layouts = [as_structure(s) for s in structures]
+    shapes = [tuple(m.shape) for m in masks]
+    whole = [i for i, (s, shape) in enumerate(zip(layouts, shapes)) if s.cells(shape) == 1]
+    per_cell = [i for i in range(len(masks)) if i not in whole]
+    out = [None] * len(masks)
+    if whole:
+        units = _drop_and_grow_units(
+            [layouts[i].unit_mask(masks[i]) for i in whole],
+            [layouts[i].to_units(_magnitudes(drop_scores[i])) for i in whole],
+            [layouts[i].to_units(_magnitudes(grow_scores[i])) for i in whole],
+            [n_drop[i] for i in whole], [n_grow[i] for i in whole], regrow_dropped,
+        )
+        for j, i in enumerate(whole):
+            out[i] = tuple(layouts[i].expand(u[j], shapes[i]) for u in units)
+    if per_cell:
+        kept = top_k_masks_per_leaf(
+            [_magnitudes(drop_scores[i]) for i in per_cell],
+            [jnp.sum(masks[i], dtype=jnp.int32) - n_drop[i] for i in per_cell],
+            where=[masks[i] for i in per_cell],
+        )
+        for k, i in zip(kept, per_cell):
+            s, m = layouts[i], masks[i]
+            g = _magnitudes(grow_scores[i])
+            if not regrow_dropped:  # just-dropped entries rank below every other candidate
+                g = jnp.where(m, -1.0, g)
+            grown = s.select_units(g, s.cell_counts(m) - s.cell_counts(k), where=~k)
+            out[i] = (k | grown, k, grown)
+    return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+
+def _drop_and_grow_units(masks, drop_scores, grow_scores, n_drop, n_grow, regrow_dropped):
     if regrow_dropped:  # the kept sets of all leaves, then growth among the rest, each in shared passes
         n_keep = [jnp.sum(m, dtype=jnp.int32) - d for m, d in zip(masks, n_drop)]
         kept = top_k_masks_per_leaf([_magnitudes(s) for s in drop_scores], n_keep, where=masks)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from jaxsparse import scores as score_fns
 from jaxsparse.leaves import path_to_str, select_leaves
-from jaxsparse.selection import top_k_masks_per_leaf
+from jaxsparse.structures import as_structure, select_units_top_k
 
 __all__ = [
     "is_none",
@@ -142,11 +142,20 @@ def _short(treedef, limit: int = 160) -> str:
 def random_masks(leaves, key) -> list:
     """Masks keeping exactly each leaf's budget at uniformly random positions.
 
-    ``leaves`` are records with ``shape`` and ``keep`` (the core's ``LeafPlan``); each leaf draws
-    its positions from its own key split from ``key``. The initial topology of static sparse
-    training and of every dynamic sparse training method (Mocanu et al., 2018; Evci et al., 2020).
+    ``leaves`` are records with ``shape`` and ``keep``, and optionally a ``structure`` (the core's
+    ``LeafPlan``); each leaf draws its positions (its whole groups under a structure: random tiles,
+    a random ``n`` of every ``m``) from its own key split from ``key``. The initial topology of
+    static sparse training and of every dynamic sparse training method (Mocanu et al., 2018; Evci
+    et al., 2020).
     """
     leaves = list(leaves)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    scores = [score_fns.random(jax.ShapeDtypeStruct(leaf.shape, jnp.float32), None, k) for leaf, k in zip(leaves, keys)]
-    return top_k_masks_per_leaf(scores, [leaf.keep for leaf in leaves])
+    if not leaves:
+        return []
+    keys = jax.random.split(key, len(leaves))
+    layouts = [as_structure(getattr(leaf, "structure", None)) for leaf in leaves]
+    shapes = [tuple(leaf.shape) for leaf in leaves]
+    unit_shapes = [s.unit_shape(shape) for s, shape in zip(layouts, shapes)]
+    scores = [score_fns.random(jax.ShapeDtypeStruct(u, jnp.float32), None, k) for u, k in zip(unit_shapes, keys)]
+    ks = [leaf.keep // s.group_size(shape) for leaf, s, shape in zip(leaves, layouts, shapes)]
+    found = select_units_top_k(layouts, shapes, scores, ks, list(range(len(leaves))))
+    return [s.expand(m, shape) for s, m, shape in zip(layouts, found, shapes)]

@@ -31,7 +31,7 @@ from jaxsparse import scores as score_fns
 from jaxsparse.distributions import as_distribution, keep_count
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
 from jaxsparse.masks import random_masks
-from jaxsparse.selection import select_top_k
+from jaxsparse.structures import select_top_k
 from jaxsparse.core import Topology, TopologyInputs, periodic_updates, sparsifier
 
 __all__ = [
@@ -60,6 +60,18 @@ def keep_table(size: int, sparsity: float, fractions) -> list[int]:
     return table
 
 
+def leaf_keep_table(leaf, fractions) -> list[int]:
+    """Units a planned leaf keeps at each schedule fraction: :func:`keep_table` per cell of its
+    structure, times the number of cells (one cell unless N:M or constant fan-in), so it ends at
+    exactly the leaf's budget in whole units. N:M goes from ``m`` to ``n`` per group (``m -
+    floor(f (m - n))``)."""
+    layout = leaf.layout
+    cells, quota = layout.cells(leaf.shape), layout.cell_quota(leaf.shape, leaf.sparsity, leaf.name)
+    table = keep_table(layout.cell_units(leaf.shape), leaf.sparsity, fractions)
+    fractions = np.asarray(fractions, np.float64).tolist()
+    return [cells * (quota if f >= 1.0 else max(k, quota)) for k, f in zip(table, fractions)]
+
+
 def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, global_sparsity):
     """Topology that prunes active entries by ``score`` to the scheduled budget.
 
@@ -73,14 +85,19 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
 
     def update(inputs: TopologyInputs):
         row = jnp.searchsorted(jnp.asarray(steps, jnp.int32), inputs.step)  # steps are update steps
-        active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
+        layouts = [leaf.layout for leaf in inputs.plan]
+        # Counts are in units: whole tiles or channels under a structure, entries otherwise.
+        active = [jnp.sum(s.unit_mask(m), dtype=jnp.int32) for s, m in zip(layouts, inputs.masks)]
         # Group leaves: each leaf its own budget, except that global scope pools every leaf not
-        # fixed by an override into one group sharing one budget (exact counts: a pool may hold
-        # more than 2**31 weights). One search serves all groups.
+        # fixed by an override (nor selecting per cell, as N:M does) into one group sharing one
+        # budget (exact counts: a pool may hold more than 2**31 weights). One search serves all.
         group_of, budgets = [], []
-        pooled = [i for i, leaf in enumerate(inputs.plan) if global_sparsity is not None and not leaf.overridden]
+        pooled = [
+            i for i, leaf in enumerate(inputs.plan)
+            if global_sparsity is not None and not leaf.overridden and leaf.layout.cells(leaf.shape) == 1
+        ]
         if pooled:
-            table = counts.count(keep_table(sum(inputs.plan[i].size for i in pooled), global_sparsity, fractions))
+            table = counts.count(keep_table(sum(inputs.plan[i].units for i in pooled), global_sparsity, fractions))
             pooled_active = counts.sum(jnp.stack([active[i] for i in pooled]))
             budgets.append(counts.minimum(jax.tree.map(lambda words: jnp.asarray(words)[row], table), pooled_active))
         for i, leaf in enumerate(inputs.plan):
@@ -88,13 +105,12 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
                 group_of.append(0)
             else:
                 group_of.append(len(budgets))
-                table = jnp.asarray(keep_table(leaf.size, leaf.sparsity, fractions), jnp.int32)  # a leaf < 2**31
-                budgets.append(jnp.minimum(table[row], active[i]))
+                budgets.append(jnp.minimum(jnp.asarray(leaf_keep_table(leaf, fractions), jnp.int32)[row], active[i]))
         # Only active entries are eligible, so a pruned entry never comes back; with gradient
         # annealing at alpha > 0 every entry is (params are then the dense shadow weights).
         eligible = inputs.masks if inputs.alpha is None else [m | (inputs.alpha > 0) for m in inputs.masks]
         scores = score_fns.per_leaf(score, inputs.params, inputs.grads, inputs.key)
-        new = select_top_k(scores, counts.stack(budgets), group_of, where=eligible)
+        new = select_top_k(layouts, scores, counts.stack(budgets), group_of, where=eligible)
         return new, inputs.aux
 
     return Topology(
@@ -108,7 +124,7 @@ def pruning(
     inner: optax.GradientTransformation,
     *,
     score,
-    sparsity,
+    sparsity=None,
     schedule: SparsitySchedule | None = None,
     update_every: int = 100,
     scope: str = "layer",
@@ -116,6 +132,8 @@ def pruning(
     exclude=None,
     overrides=None,
     seed=0,
+    structure=None,
+    dense_if_untileable: bool = False,
     gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """Prune by any score (see :mod:`jaxsparse.scores`) on a schedule.
@@ -139,6 +157,10 @@ def pruning(
       update_every: steps between topology updates inside the schedule's window.
       scope: ``"layer"`` (each leaf to its own target) or ``"global"`` (one threshold).
       include, exclude, overrides, seed: see :func:`jaxsparse.core`.
+      structure, dense_if_untileable: see :func:`jaxsparse.sparsifier`: prune whole groups by
+        their aggregated scores (``js.blocks(r, c)``: tiles; ``js.channels()``: output units,
+        which ``scope="global"`` pools across leaves) or to N:M (``js.n_of_m(2, 4)``, with
+        ``sparsity`` omitted; a gradual schedule lowers the count per group from ``m`` to ``n``).
       gradient_annealing: None (default), or a float or ``step -> alpha`` function: pruned
         weights keep training as dense shadow weights with their gradients scaled by ``alpha(t)``,
         and every update step chooses among all of them by their dense score, so a pruned weight
@@ -157,20 +179,23 @@ def pruning(
         )
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global'; got {scope!r}")
-    distribution = as_distribution(sparsity)
+    distribution = None if sparsity is None else as_distribution(sparsity)
     global_sparsity = None
-    if scope == "global":
+    if scope == "global" and distribution is not None:
         if distribution.name != "uniform":
             raise ValueError(f"global pruning takes a float sparsity, not the distribution {distribution!r}")
         global_sparsity = distribution.sparsity
     topology = _pruning_topology(score, schedule, update_every, global_sparsity)
     return sparsifier(
         inner, sparsity=distribution, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
-        gradient_annealing=gradient_annealing,
+        structure=structure, dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )
 
 
-def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
+def magnitude_pruning(
+    inner, *, sparsity=None, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None,
+    structure=None, dense_if_untileable=False, gradient_annealing=None
+):
     """Magnitude pruning, per layer (Han et al., 2015; gradual: Zhu & Gupta, 2018).
 
     One-shot at step 0 by default; pass ``schedule=polynomial_schedule(begin, end)`` for gradual
@@ -184,11 +209,15 @@ def magnitude_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=
     """
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed, gradient_annealing=gradient_annealing,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )
 
 
-def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=None, exclude=None, overrides=None, seed=0, gradient_annealing=None):
+def random_pruning(
+    inner, *, sparsity=None, schedule=None, update_every=100, include=None, exclude=None, overrides=None, seed=0,
+    structure=None, dense_if_untileable=False, gradient_annealing=None
+):
     """Random pruning, per layer: the baseline of Liu et al. (2022), "The unreasonable
     effectiveness of random pruning", ICLR. See :func:`pruning`.
 
@@ -199,11 +228,15 @@ def random_pruning(inner, *, sparsity, schedule=None, update_every=100, include=
     """
     return pruning(
         inner, score=score_fns.random, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed, gradient_annealing=gradient_annealing,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )
 
 
-def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
+def saliency_pruning(
+    inner, *, sparsity=None, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None,
+    structure=None, dense_if_untileable=False, gradient_annealing=None
+):
     """Pruning by first-order saliency ``|w * g|`` on the step's gradient (Molchanov et al.,
     2017; SNIP, Lee et al., 2019), per layer. See :func:`pruning`.
 
@@ -214,11 +247,15 @@ def saliency_pruning(inner, *, sparsity, schedule=None, update_every=100, seed=0
     """
     return pruning(
         inner, score=score_fns.saliency, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        include=include, exclude=exclude, overrides=overrides, seed=seed, gradient_annealing=gradient_annealing,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )
 
 
-def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
+def global_magnitude_pruning(
+    inner, *, sparsity: float | None = None, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None,
+    structure=None, dense_if_untileable=False, gradient_annealing=None
+):
     """Magnitude pruning with one threshold over all sparsified leaves (Han et al., 2015;
     compared in Blalock et al., 2020). See :func:`pruning`.
 
@@ -230,12 +267,15 @@ def global_magnitude_pruning(inner, *, sparsity: float, schedule=None, update_ev
     """
     return pruning(
         inner, score=score_fns.magnitude, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
-        gradient_annealing=gradient_annealing,
+        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )
 
 
-def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
+def lamp_pruning(
+    inner, *, sparsity: float | None = None, schedule=None, update_every=100, seed=0, include=None, exclude=None, overrides=None,
+    structure=None, dense_if_untileable=False, gradient_annealing=None
+):
     """LAMP: global selection on layer-adaptive magnitude scores (Lee et al., 2021, ICLR).
     See :func:`jaxsparse.scores.lamp` and :func:`pruning`.
 
@@ -246,14 +286,17 @@ def lamp_pruning(inner, *, sparsity: float, schedule=None, update_every=100, see
     """
     return pruning(
         inner, score=score_fns.lamp, sparsity=sparsity, schedule=schedule, update_every=update_every,
-        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed,
-        gradient_annealing=gradient_annealing,
+        scope="global", include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )
 
 
-def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overrides=None, gradient_annealing=None):
+def static_sparse(inner, *, sparsity=None, seed=0, include=None, exclude=None, overrides=None, structure=None,
+                  dense_if_untileable=False, gradient_annealing=None):
     """Static sparse training: a random mask drawn at init (exactly ``N - floor(s N)`` entries
     per leaf, spread by the distribution: ``erk(0.9)``, ``er(0.9)`` or a float), fixed afterwards.
+    With ``structure`` (see :func:`jaxsparse.sparsifier`) the random mask is of whole groups
+    (random tiles, a random ``n`` of every ``m``).
 
     The baseline of Mocanu et al. (2018) and Evci et al. (2020). ``tx.init`` cannot change
     params: start with ``js.init(tx, params)``, which returns them masked, so the first step
@@ -267,5 +310,5 @@ def static_sparse(inner, *, sparsity, seed=0, include=None, exclude=None, overri
     topology = Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=None, is_update_step=None)
     return sparsifier(
         inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
-        gradient_annealing=gradient_annealing,
+        structure=structure, dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )

@@ -48,13 +48,14 @@ def _drop_grow_topology(drop_score, grow_score, drop_fraction, anneal, update_ev
     def update(inputs: TopologyInputs):
         drop_key, grow_key = jax.random.split(inputs.key)
         plan = inputs.plan
-        changing = [i for i, leaf in enumerate(plan) if leaf.keep < leaf.size]  # ERK may make leaves dense
+        # Counts are in units: whole tiles or channels under a structure, entries otherwise.
+        changing = [i for i, leaf in enumerate(plan) if leaf.keep_units < leaf.units]  # ERK may make leaves dense
         n_drop = []
         for i in changing:
             # Counts are constant, so each leaf's drop counts are exact integers from the host.
-            counts = np.floor(fractions * plan[i].keep)
+            counts = np.floor(fractions * plan[i].keep_units)
             if not regrow_dropped:  # growth needs as many positions inactive before the update
-                counts = np.minimum(counts, plan[i].size - plan[i].keep)
+                counts = np.minimum(counts, plan[i].units - plan[i].keep_units)
             n_drop.append(at_update(counts.astype(np.int32), inputs.step, update_every))
         pick = lambda xs: [xs[i] for i in changing]
         new, _, _ = drop_and_grow(
@@ -64,6 +65,7 @@ def _drop_grow_topology(drop_score, grow_score, drop_fraction, anneal, update_ev
             n_drop,
             n_drop,
             regrow_dropped=regrow_dropped,
+            structures=pick([leaf.structure for leaf in plan]),
         )
         masks = list(inputs.masks)
         for i, m in zip(changing, new):
@@ -76,7 +78,7 @@ def _drop_grow_topology(drop_score, grow_score, drop_fraction, anneal, update_ev
 def dynamic_sparse(
     inner: optax.GradientTransformation,
     *,
-    sparsity,
+    sparsity=None,
     grow_score,
     drop_score=score_fns.magnitude,
     update_every: int = 100,
@@ -88,6 +90,8 @@ def dynamic_sparse(
     include=None,
     exclude=None,
     overrides=None,
+    structure=None,
+    dense_if_untileable: bool = False,
     gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """Drop-and-grow dynamic sparse training with any scores (the family of SET and RigL).
@@ -122,21 +126,25 @@ def dynamic_sparse(
       gradient_annealing: None (default), or a float or ``step -> alpha`` function: dropped
         weights keep training as dense shadow weights with gradients scaled by ``alpha(t)``, and
         drop scores read the dense weights (see :func:`jaxsparse.core`).
+      structure, dense_if_untileable: see :func:`jaxsparse.sparsifier`: drop and grow whole
+        groups (``js.blocks(128, 128)``: tiles by the L2 norm of their scores; ``js.n_of_m(2, 4)``:
+        each group of 4 regrows what it lost, and ``sparsity`` may be omitted). Budgets and drop
+        counts are in whole groups, constant across updates.
     """
     topology = _drop_grow_topology(
         drop_score, grow_score, drop_fraction, drop_fraction_anneal, update_every, end_step, bool(regrow_dropped)
     )
     return sparsifier(
-        inner, sparsity=as_distribution(sparsity), topology=topology,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
-        gradient_annealing=gradient_annealing,
+        inner, sparsity=None if sparsity is None else as_distribution(sparsity), topology=topology,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )
 
 
 def set_sparse(
     inner: optax.GradientTransformation,
     *,
-    sparsity,
+    sparsity=None,
     update_every: int = 100,
     end_step: int | None = None,
     drop_fraction=0.3,
@@ -146,6 +154,8 @@ def set_sparse(
     include=None,
     exclude=None,
     overrides=None,
+    structure=None,
+    dense_if_untileable: bool = False,
     gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """SET, Sparse Evolutionary Training (Mocanu et al., 2018, "Scalable training of artificial
@@ -166,17 +176,18 @@ def set_sparse(
         params, opt_state = js.init(tx, params)   # params masked: step 0 trains the sparse model
     """
     return dynamic_sparse(
-        inner, sparsity=paper_distribution(sparsity, er), grow_score=score_fns.random,
+        inner, sparsity=paper_distribution(sparsity, er, structure), grow_score=score_fns.random,
         update_every=update_every, end_step=end_step, drop_fraction=drop_fraction,
         drop_fraction_anneal=drop_fraction_anneal, regrow_dropped=regrow_dropped,
-        seed=seed, include=include, exclude=exclude, overrides=overrides, gradient_annealing=gradient_annealing,
+        seed=seed, include=include, exclude=exclude, overrides=overrides, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )
 
 
 def rigl(
     inner: optax.GradientTransformation,
     *,
-    sparsity,
+    sparsity=None,
     update_every: int = 100,
     end_step: int,
     drop_fraction=0.3,
@@ -186,6 +197,8 @@ def rigl(
     include=None,
     exclude=None,
     overrides=None,
+    structure=None,
+    dense_if_untileable: bool = False,
     gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """RigL, Rigged Lottery (Evci et al., 2020, "Rigging the Lottery: Making All Tickets
@@ -211,8 +224,9 @@ def rigl(
     if end_step is None:
         raise ValueError("rigl needs end_step, the step at which its cosine drop fraction reaches 0")
     return dynamic_sparse(
-        inner, sparsity=paper_distribution(sparsity, erk), grow_score=score_fns.gradient_magnitude,
+        inner, sparsity=paper_distribution(sparsity, erk, structure), grow_score=score_fns.gradient_magnitude,
         update_every=update_every, end_step=end_step, drop_fraction=drop_fraction,
         drop_fraction_anneal=drop_fraction_anneal, regrow_dropped=regrow_dropped,
-        seed=seed, include=include, exclude=exclude, overrides=overrides, gradient_annealing=gradient_annealing,
+        seed=seed, include=include, exclude=exclude, overrides=overrides, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )

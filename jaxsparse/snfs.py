@@ -91,17 +91,26 @@ def _snfs_topology(drop_fraction, anneal, end_step, update_every, momentum, regr
     def update(inputs: TopologyInputs):
         fraction = at_update(fractions, inputs.step, update_every)
         speed = [jnp.abs(m) for m in inputs.aux]
-        active = [jnp.sum(m, dtype=jnp.int32) for m in inputs.masks]
-        drops = [drop_count(n, leaf.size, fraction, regrow_dropped=regrow_dropped) for n, leaf in zip(active, inputs.plan)]
+        # Counts are in units: whole tiles or channels under a structure, entries otherwise.
+        active = [jnp.sum(leaf.layout.unit_mask(m), dtype=jnp.int32) for leaf, m in zip(inputs.plan, inputs.masks)]
+        drops = [drop_count(n, leaf.units, fraction, regrow_dropped=regrow_dropped) for n, leaf in zip(active, inputs.plan)]
+        # A per-cell structure (N:M) fixes every leaf's count: such leaves regrow their own drops
+        # in place and take no part in the redistribution.
+        shared = [leaf.layout.cells(leaf.shape) == 1 for leaf in inputs.plan]
         # Growth fills the positions not kept: also the just-dropped ones in the paper's rule.
-        caps = jnp.stack([leaf.size - n + (d if regrow_dropped else 0) for n, d, leaf in zip(active, drops, inputs.plan)])
+        caps = jnp.stack([
+            leaf.units - n + (d if regrow_dropped else 0) if ok else 0
+            for n, d, leaf, ok in zip(active, drops, inputs.plan, shared)
+        ])
         mean_speed = jnp.stack(
-            [jnp.sum(jnp.where(m, s, 0.0)) / jnp.maximum(n, 1) for m, s, n in zip(inputs.masks, speed, active)]
+            [jnp.sum(jnp.where(m, s, 0.0)) / jnp.maximum(jnp.sum(m, dtype=jnp.int32), 1) for m, s in zip(inputs.masks, speed)]
         )
-        grows = allocate(counts.sum(jnp.stack(drops)), mean_speed, caps)  # exact: may exceed int32
+        total = counts.sum(jnp.stack([d if ok else jnp.zeros_like(d) for d, ok in zip(drops, shared)]))
+        grows = allocate(total, mean_speed, caps)  # exact: may exceed int32
         magnitudes = [jnp.abs(p) for p in inputs.params]
         new, _, _ = drop_and_grow(
-            inputs.masks, magnitudes, speed, drops, [grows[i] for i in range(len(active))], regrow_dropped=regrow_dropped
+            inputs.masks, magnitudes, speed, drops, [grows[i] for i in range(len(active))],
+            regrow_dropped=regrow_dropped, structures=[leaf.structure for leaf in inputs.plan],
         )
         return new, inputs.aux
 
@@ -113,7 +122,7 @@ def _snfs_topology(drop_fraction, anneal, end_step, update_every, momentum, regr
 def snfs(
     inner: optax.GradientTransformation,
     *,
-    sparsity,
+    sparsity=None,
     update_every: int = 100,
     end_step: int,
     drop_fraction=0.5,
@@ -124,6 +133,8 @@ def snfs(
     include=None,
     exclude=None,
     overrides=None,
+    structure=None,
+    dense_if_untileable: bool = False,
     gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """SNFS / sparse momentum (Dettmers & Zettlemoyer, 2019, "Sparse Networks from Scratch:
@@ -160,6 +171,10 @@ def snfs(
       gradient_annealing: None (default), or a float or ``step -> alpha`` function: dropped
         weights keep training as dense shadow weights with gradients scaled by ``alpha(t)``, and
         drop scores read the dense weights (see :func:`jaxsparse.core`).
+      structure, dense_if_untileable: see :func:`jaxsparse.sparsifier`. Under ``js.blocks`` or
+        ``js.channels`` whole groups are pruned and regrown (group scores: the L2 norm of the
+        entries' magnitudes and momenta) and redistributed in whole groups; under ``js.n_of_m``
+        each group regrows what it lost, so every leaf keeps its count (no redistribution).
     """
     if end_step is None:
         raise ValueError("snfs needs end_step, the step at which its cosine prune rate reaches 0")
@@ -167,7 +182,7 @@ def snfs(
         raise ValueError(f"momentum must be in [0, 1); got {momentum!r}")
     topology = _snfs_topology(drop_fraction, drop_fraction_anneal, end_step, update_every, float(momentum), bool(regrow_dropped))
     return sparsifier(
-        inner, sparsity=paper_distribution(sparsity, uniform), topology=topology,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
-        gradient_annealing=gradient_annealing,
+        inner, sparsity=paper_distribution(sparsity, uniform, structure), topology=topology,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, structure=structure,
+        dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )

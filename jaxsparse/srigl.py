@@ -41,25 +41,14 @@ from jaxsparse.dst import drop_and_grow, drop_count, at_update, dst_update_steps
 from jaxsparse.selection import top_k_mask
 from jaxsparse.selection import top_k_per_column as neuron_top_k  # re-exported: the per-neuron selection
 from jaxsparse.core import LeafPlan, Topology, TopologyInputs, sparsifier
+from jaxsparse.structures import ConstantFanIn
 
 __all__ = ["srigl", "fan_in_counts", "neuron_top_k"]
 
 
-def _as_matrix(x, output_axis: int):
-    """``x`` as ``(fan_in, n_out)``: the output axis last, the others flattened."""
-    x = jnp.moveaxis(x, output_axis, -1)
-    return x.reshape(-1, x.shape[-1])
-
-
-def _from_matrix(m, shape, output_axis: int):
-    moved = list(shape)
-    n_out = moved.pop(output_axis % len(shape))
-    return jnp.moveaxis(m.reshape(*moved, n_out), -1, output_axis)
-
-
 def fan_in_counts(mask, output_axis: int = -1):
     """Nonzeros per output neuron of a mask (its fan-in), a vector of length ``n_out``."""
-    return jnp.sum(_as_matrix(mask, output_axis), axis=0, dtype=jnp.int32)
+    return ConstantFanIn(output_axis).cell_counts(mask)
 
 
 def _fan_in(leaf: LeafPlan, output_axis: int):
@@ -81,6 +70,9 @@ def _fan_in(leaf: LeafPlan, output_axis: int):
 
 
 def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axis) -> Topology:
+    # The constant fan-in structure's view of a leaf as a (fan_in, n_out) matrix; selections per
+    # neuron are its per-column top-k (neuron_top_k).
+    layout = ConstantFanIn(output_axis)
     fractions = update_fractions(drop_fraction, update_every, end_step).astype(np.float32)
 
     def init(inputs: TopologyInputs):
@@ -91,7 +83,7 @@ def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axi
             weight_key, neuron_key = jax.random.split(key)
             active = top_k_mask(jax.random.uniform(neuron_key, (n_out,)), n_active)
             chosen = neuron_top_k(jax.random.uniform(weight_key, (fan_in, n_out)), jnp.where(active, k0, 0))
-            masks.append(_from_matrix(chosen, leaf.shape, output_axis))
+            masks.append(layout.from_matrix(chosen, leaf.shape))
         return masks, ()
 
     def neuron_update(leaf, m, magnitude, gradient, counts, kept, candidates):
@@ -118,13 +110,13 @@ def _srigl_topology(drop_fraction, end_step, update_every, gamma_sal, output_axi
         # dropped in step 1 (-1) is taken back only when a neuron has too few of them.
         grow_scores = jnp.where(m, -1.0, gradient)
         grown = neuron_top_k(grow_scores, jnp.where(active, fan - n_keep, 0), where=~keep)
-        return _from_matrix(keep | grown, leaf.shape, output_axis)
+        return layout.from_matrix(keep | grown, leaf.shape)
 
     def update(inputs: TopologyInputs):
         fraction = at_update(fractions, inputs.step, update_every)
-        m = [_as_matrix(x, output_axis) for x in inputs.masks]
-        magnitude = [_as_matrix(jnp.abs(x), output_axis) for x in inputs.params]
-        gradient = [_as_matrix(jnp.abs(x), output_axis) for x in inputs.grads]
+        m = [layout.as_matrix(x) for x in inputs.masks]
+        magnitude = [layout.as_matrix(jnp.abs(x)) for x in inputs.params]
+        gradient = [layout.as_matrix(jnp.abs(x)) for x in inputs.grads]
         counts = [jnp.sum(x, axis=0, dtype=jnp.int32) for x in m]
         nnz = [jnp.sum(c) for c in counts]
         d = [drop_count(n, leaf.size, fraction, regrow_dropped=False) for n, leaf in zip(nnz, inputs.plan)]

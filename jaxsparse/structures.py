@@ -57,7 +57,7 @@ from jaxsparse.selection import top_k_mask, top_k_per_column
 __all__ = [
     "Structure", "Unstructured", "NofM", "Blocks", "Channels", "ConstantFanIn",
     "unstructured", "n_of_m", "blocks", "channels", "constant_fan_in", "as_structure",
-    "select_top_k", "group_norm",
+    "select_top_k", "select_units_top_k", "group_norm",
 ]
 
 # N:M groups up to this size are ranked by pairwise comparisons (m compare passes, cheap for the
@@ -503,37 +503,52 @@ def as_structure(structure) -> Structure:
     )
 
 
-def select_top_k(structures: Sequence[Structure], scores, ks, group_of, where=None) -> list:
-    """:func:`jaxsparse.selection.select_top_k` over leaves with structures: each leaf's scores
-    aggregated into units, ``ks`` (per group, in units) selected over the unit arrays of all
-    one-cell leaves in the same shared passes, per-cell leaves (N:M, constant fan-in: each must be
-    a group of its own, its ``k`` a multiple of its cell count) by their per-cell selection, and
-    every mask expanded back. ``where``: a bool array per leaf (entry level) or None.
+def select_units_top_k(structures: Sequence[Structure], shapes, unit_scores, ks, group_of, unit_where=None) -> list:
+    """Unit masks of the top ``ks`` units per group (``ks`` one per group, in units), over leaves
+    of ``shapes`` with their ``structures``, given their unit scores (and unit eligibility).
+
+    One-cell leaves (unstructured, blocks, channels) are selected by
+    :func:`jaxsparse.selection.select_top_k` in the same shared passes, so several leaves may
+    share one budget (global pruning over tiles). A per-cell leaf (N:M, constant fan-in) must be a
+    group of its own; its ``k`` (a multiple of its cell count) is split evenly over its cells.
     """
-    scores = list(scores)
     structures = [as_structure(s) for s in structures]
-    where = [None] * len(scores) if where is None else list(where)
-    units = [s.to_units(x) for s, x in zip(structures, scores)]
-    unit_where = [s.units_where(w) for s, w in zip(structures, where)]
-    shared = [i for i, s in enumerate(structures) if s.cells(scores[i].shape) == 1]
-    masks = [None] * len(scores)
+    unit_where = [None] * len(unit_scores) if unit_where is None else list(unit_where)
+    shared = [i for i, (s, shape) in enumerate(zip(structures, shapes)) if s.cells(shape) == 1]
+    masks = [None] * len(unit_scores)
+    k_words = counts.count(ks)
     if shared:
         used = sorted({group_of[i] for i in shared})
         renumber = {g: j for j, g in enumerate(used)}
-        ks_shared = jax.tree.map(lambda w: jnp.reshape(w, (-1,))[np.array(used)], counts.count(ks))
         any_where = any(unit_where[i] is not None for i in shared)
         found = _select_unit_top_k(
-            [units[i] for i in shared], ks_shared, [renumber[group_of[i]] for i in shared],
-            [jnp.ones(units[i].shape, bool) if unit_where[i] is None else unit_where[i] for i in shared] if any_where else None,
+            [unit_scores[i] for i in shared],
+            jax.tree.map(lambda w: jnp.reshape(w, (-1,))[np.array(used)], k_words),
+            [renumber[group_of[i]] for i in shared],
+            [jnp.ones(unit_scores[i].shape, bool) if unit_where[i] is None else unit_where[i] for i in shared]
+            if any_where else None,
         )
         for i, m in zip(shared, found):
             masks[i] = m
-    k_words = counts.count(ks)
-    for i, s in enumerate(structures):
+    for i, (s, shape) in enumerate(zip(structures, shapes)):
         if masks[i] is None:
-            members = [j for j, g in enumerate(group_of) if g == group_of[i]]
-            if len(members) != 1:
+            if sum(g == group_of[i] for g in group_of) != 1:
                 raise ValueError(f"{s!r} selects per cell: a leaf with it cannot share a budget with other leaves")
             k = counts.to_int32(jax.tree.map(lambda w: jnp.reshape(w, (-1,))[group_of[i]], k_words))
-            masks[i] = s.select_units(units[i], k // s.cells(scores[i].shape), unit_where[i])
-    return [s.expand(m, x.shape) for s, m, x in zip(structures, masks, scores)]
+            masks[i] = s.select_units(unit_scores[i], k // s.cells(shape), unit_where[i])
+    return masks
+
+
+def select_top_k(structures: Sequence[Structure], scores, ks, group_of, where=None) -> list:
+    """:func:`jaxsparse.selection.select_top_k` over leaves with structures: each leaf's scores
+    aggregated into units, ``ks`` (per group, in units) selected by :func:`select_units_top_k`,
+    and every mask expanded back. ``where``: a bool array per leaf (entry level) or None."""
+    scores = list(scores)
+    structures = [as_structure(s) for s in structures]
+    where = [None] * len(scores) if where is None else list(where)
+    shapes = [tuple(x.shape) for x in scores]
+    found = select_units_top_k(
+        structures, shapes, [s.to_units(x) for s, x in zip(structures, scores)], ks, group_of,
+        [s.units_where(w) for s, w in zip(structures, where)],
+    )
+    return [s.expand(m, shape) for s, m, shape in zip(structures, found, shapes)]

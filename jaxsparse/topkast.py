@@ -37,6 +37,7 @@ import optax
 from jaxsparse.distributions import Distribution, as_distribution, check_sparsity, keep_count
 from jaxsparse.dst import dst_update_steps
 from jaxsparse.selection import top_k_masks_nested
+from jaxsparse.structures import Structure
 from jaxsparse.core import Topology, TopologyInputs, sparsifier
 
 __all__ = ["TopKastAux", "topkast"]
@@ -57,17 +58,28 @@ class TopKastAux(NamedTuple):
 def _topkast_topology(backward: Distribution, penalty: float, update_every: int) -> Topology:
     def backward_keeps(plan):
         targets = backward.solve({leaf.name: leaf.shape for leaf in plan})
-        # At least the forward budget: an override may make a leaf denser forward than backward.
-        return [max(keep_count(leaf.size, targets[leaf.name]), leaf.keep) for leaf in plan]
+        # In units of each leaf's structure, per cell times cells; at least the forward budget: an
+        # override may make a leaf denser forward than backward.
+        keeps = []
+        for leaf in plan:
+            cells, per_cell = leaf.layout.cells(leaf.shape), leaf.layout.cell_units(leaf.shape)
+            keeps.append(max(cells * keep_count(per_cell, targets[leaf.name]), leaf.keep_units))
+        return keeps
 
     def sets(plan, shadow):
-        # Both sets are top-k of the same magnitudes: one nested search per leaf (a NaN weight
-        # ranks lowest).
-        chosen = [
-            top_k_masks_nested(jnp.abs(theta), [leaf.keep, k])
-            for theta, leaf, k in zip(shadow, plan, backward_keeps(plan))
-        ]
-        return [forward for forward, _ in chosen], [back for _, back in chosen]
+        # Both sets are top-k of the same (aggregated) magnitudes: one nested search per leaf (a
+        # NaN weight ranks lowest); a per-cell structure (N:M) selects both per cell.
+        forward, back = [], []
+        for theta, leaf, k in zip(shadow, plan, backward_keeps(plan)):
+            layout, cells = leaf.layout, leaf.layout.cells(leaf.shape)
+            units = layout.to_units(jnp.abs(theta))
+            if cells == 1:
+                f, b = top_k_masks_nested(units, [leaf.keep_units, k])
+            else:
+                f, b = layout.select_units(units, leaf.keep_units // cells), layout.select_units(units, k // cells)
+            forward.append(layout.expand(f, leaf.shape))
+            back.append(layout.expand(b, leaf.shape))
+        return forward, back
 
     def init(inputs: TopologyInputs):
         forward, back = sets(inputs.plan, inputs.params)
@@ -119,7 +131,7 @@ class _DoubledDensity(Distribution):
 def topkast(
     inner: optax.GradientTransformation,
     *,
-    sparsity,
+    sparsity=None,
     backward_sparsity=None,
     penalty: float = 0.0,
     update_every: int = 100,
@@ -127,6 +139,8 @@ def topkast(
     include=None,
     exclude=None,
     overrides=None,
+    structure=None,
+    dense_if_untileable: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Top-KAST (Jayakumar et al., 2020, "Top-KAST: Top-K Always Sparse Training", NeurIPS).
 
@@ -153,7 +167,12 @@ def topkast(
         drawn.
       include, exclude, overrides: see :func:`jaxsparse.core` (overrides apply to the
         forward sparsity).
+      structure, dense_if_untileable: see :func:`jaxsparse.sparsifier`: both sets are chosen in
+        whole groups of the structure (tiles by the L2 norm of ``theta``; N:M: the forward set
+        ``n`` of every ``m``, the backward set the same number per group as its sparsity gives).
     """
+    if sparsity is None and isinstance(structure, Structure) and structure.implied_sparsity is not None:
+        sparsity = structure.implied_sparsity
     forward = as_distribution(sparsity)
     if backward_sparsity is None:
         backward_sparsity = _DoubledDensity(forward)
@@ -170,5 +189,6 @@ def topkast(
         raise ValueError(f"penalty must be >= 0; got {penalty!r}")
     topology = _topkast_topology(backward, float(penalty), update_every)
     return sparsifier(
-        inner, sparsity=forward, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed
+        inner, sparsity=forward, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
+        structure=structure, dense_if_untileable=dense_if_untileable,
     )
