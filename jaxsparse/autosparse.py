@@ -52,7 +52,7 @@ import optax
 
 from jaxsparse.core import Topology, TopologyInputs, every_step, sparsifier
 from jaxsparse.schedules import sigmoid_cosine_decay
-from jaxsparse.selection import top_k_masks_per_leaf
+from jaxsparse.ste import magnitude_masks
 
 __all__ = ["AutoSparseAux", "autosparse", "autosparse_alpha"]
 
@@ -112,14 +112,9 @@ def _learned_topology(optimizer: optax.GradientTransformation, threshold_init: f
 
 
 def _budget_topology() -> Topology:
-    def masks_of(inputs: TopologyInputs):
-        scores = [jnp.abs(w).astype(jnp.float32) for w in inputs.params]
-        return top_k_masks_per_leaf(scores, [leaf.keep for leaf in inputs.plan])
-
+    masks = lambda inputs: magnitude_masks(inputs.plan, inputs.params)
     return Topology(
-        init=lambda inputs: (masks_of(inputs), ()),
-        update=lambda inputs: (masks_of(inputs), inputs.aux),
-        is_update_step=every_step,
+        init=lambda inputs: (masks(inputs), ()), update=lambda inputs: (masks(inputs), inputs.aux), is_update_step=every_step
     )
 
 
@@ -132,10 +127,12 @@ def autosparse(
     threshold_init: float = -5.0,
     threshold_optimizer: optax.GradientTransformation | None = None,
     gradient_annealing=None,
+    structure=None,
     include=None,
     exclude=None,
     overrides=None,
     seed=0,
+    dense_if_untileable: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AutoSparse (Kundu et al., 2023, arXiv 2304.06941): learnable per-layer thresholds and
     gradient annealing (see the module docstring for the equations).
@@ -156,22 +153,24 @@ def autosparse(
       alpha: ``alpha_0``, the initial annealing factor (0.5, the default of the public
         re-implementation; the paper tunes it per model).
       sparsity: None (learned thresholds, the paper's AutoSparse) or a float / distribution (a
-        top-k mask per layer with GA, thresholds unused).
+        top-k mask per layer with GA, thresholds unused; None with an N:M ``structure``).
       threshold_init: initial ``s_l`` (``tau = sigmoid(-5) = 0.0067``: almost nothing pruned at first).
       threshold_optimizer: trains the thresholds; None: the inner transformation itself (its
         learning rate and weight decay), applied to the list of thresholds.
+      structure, dense_if_untileable: with a fixed budget, its structure (``js.n_of_m(2, 4)``:
+        GA on N:M; see :func:`jaxsparse.sparsifier`).
       gradient_annealing: overrides the sigmoid-cosine ``alpha(t)`` (any float or ``step ->
         alpha`` function).
       include, exclude, overrides, seed: see :func:`jaxsparse.core`.
     """
     if gradient_annealing is None:
         gradient_annealing = sigmoid_cosine_decay(alpha, end_step)
-    if sparsity is None:
+    if sparsity is None and structure is None:
         topology = _learned_topology(inner if threshold_optimizer is None else threshold_optimizer, float(threshold_init))
         sparsity = 0.0  # every chosen leaf is sparsified; its sparsity is learned
     else:
         topology = _budget_topology()
     return sparsifier(
         inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides,
-        seed=seed, gradient_annealing=gradient_annealing,
+        seed=seed, structure=structure, dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
     )

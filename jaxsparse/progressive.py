@@ -98,7 +98,7 @@ def _sdgf_topology(stages, axis, begin_step: int, end_step: int) -> Topology:
         plan = inputs.plan
         dense = lambda: [jnp.ones(leaf.shape, bool) for leaf in plan]
         branches = [dense] + [
-            (lambda s=s: magnitude_masks(s, [leaf._replace(sparsity=s.implied_sparsity) for leaf in plan], inputs.params))
+            (lambda s=s: magnitude_masks([leaf._replace(sparsity=s.implied_sparsity, structure=s) for leaf in plan], inputs.params))
             for s in structures
         ]
         t = inputs.step.astype(jnp.float32)
@@ -151,6 +151,6 @@ def sdgf(
     if not 0 <= begin_step < end_step:
         raise ValueError(f"sdgf needs 0 <= begin_step < end_step; got {begin_step}, {end_step}")
     return sparsifier(
-        inner, sparsity=1.0 - n / m, topology=_sdgf_topology(stages, axis, begin_step, end_step),
-        include=include, exclude=exclude, overrides=overrides, seed=seed, gradient_annealing=1.0,
+        inner, sparsity=None, topology=_sdgf_topology(stages, axis, begin_step, end_step), include=include,
+        exclude=exclude, overrides=overrides, seed=seed, structure=n_of_m(n, m, axis), gradient_annealing=1.0,
     )

@@ -39,37 +39,27 @@ from jaxsparse.core import Topology, TopologyInputs, every_step, sparsifier
 from jaxsparse.pruning import keep_table
 from jaxsparse.schedules import polynomial_schedule
 from jaxsparse.selection import select_top_k
-from jaxsparse.structures import Structure, as_structure, n_of_m
+from jaxsparse.structures import n_of_m
 from jaxsparse.structures import select_top_k as structured_top_k
 
 __all__ = ["magnitude_masks", "ste_topology", "ste", "sr_ste", "st3"]
 
 
-def _check_tiling(structure: Structure, plan) -> None:
-    for leaf in plan:
-        structure.check(leaf.name, leaf.shape)
-
-
-def magnitude_masks(structure: Structure, plan, weights) -> list:
-    """Per leaf of ``plan``, the structure's exact budget at the leaf's sparsity of the largest
-    ``|w|`` (ties to the lowest index), all leaves in the same selection passes."""
-    structure = as_structure(structure)
-    ks = [structure.keep_units(leaf.shape, leaf.sparsity, leaf.name) for leaf in plan]
+def magnitude_masks(plan, weights) -> list:
+    """Per leaf of ``plan``, the exact budget (in whole units of the leaf's structure) of the
+    largest ``|w|``, ties to the lowest index, all leaves in the same selection passes."""
     scores = [jnp.abs(w).astype(jnp.float32) for w in weights]
-    return structured_top_k([structure] * len(plan), scores, ks, list(range(len(plan))))
+    ks = [leaf.layout.keep_units(leaf.shape, leaf.sparsity, leaf.name) for leaf in plan]
+    return structured_top_k([leaf.layout for leaf in plan], scores, ks, list(range(len(plan))))
 
 
-def ste_topology(structure: Structure, decay: float = 0.0) -> Topology:
-    """The STE topology: the mask of the largest dense weights under ``structure``, on every step;
-    with ``decay > 0`` the SR-STE term ``decay * (1 - mask) * w`` joins the dense gradient."""
-    structure = as_structure(structure)
+def ste_topology(decay: float = 0.0) -> Topology:
+    """The STE topology: on every step, the mask of the largest dense weights under each leaf's
+    structure; with ``decay > 0`` the SR-STE term ``decay * (1 - mask) * w`` joins the dense
+    gradient."""
 
-    def init(inputs: TopologyInputs):
-        _check_tiling(structure, inputs.plan)
-        return magnitude_masks(structure, inputs.plan, inputs.params), ()
-
-    def update(inputs: TopologyInputs):
-        return magnitude_masks(structure, inputs.plan, inputs.params), inputs.aux
+    def masks(inputs: TopologyInputs):
+        return magnitude_masks(inputs.plan, inputs.params)
 
     def observe(inputs: TopologyInputs):
         # SR-STE's sparse-refined term, with the mask and the dense weights of this step's forward pass
@@ -79,16 +69,12 @@ def ste_topology(structure: Structure, decay: float = 0.0) -> Topology:
         ]
         return grads, inputs.aux
 
-    return Topology(init=init, update=update, is_update_step=every_step, observe=observe if decay > 0 else None)
-
-
-def _sparsity_for(structure: Structure, sparsity):
-    if structure.implied_sparsity is not None:
-        structure.check_sparsity(sparsity)  # N:M: None or exactly 1 - n/m
-        return structure.implied_sparsity
-    if sparsity is None:
-        raise ValueError(f"{structure!r} needs a sparsity (a float or a distribution); got None")
-    return sparsity
+    return Topology(
+        init=lambda inputs: (masks(inputs), ()),
+        update=lambda inputs: (masks(inputs), inputs.aux),
+        is_update_step=every_step,
+        observe=observe if decay > 0 else None,
+    )
 
 
 def ste(
@@ -102,6 +88,7 @@ def ste(
     exclude=None,
     overrides=None,
     seed=0,
+    dense_if_untileable: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Straight-through sparse training: on every step, the mask keeps the largest dense weights.
 
@@ -120,21 +107,22 @@ def ste(
       inner: the optax transformation that trains the dense weights.
       sparsity: a float or a distribution; with an N:M structure None (it is ``1 - n/m``) or
         exactly that value.
-      structure: how scores become a mask (:mod:`jaxsparse.structures`; None: unstructured). A
-        leaf the structure cannot tile raises a ValueError at init.
+      structure, dense_if_untileable: how scores become a mask (:mod:`jaxsparse.structures`;
+        None: unstructured; see :func:`jaxsparse.sparsifier`). A leaf the structure cannot tile
+        raises a ValueError at init unless ``dense_if_untileable``.
       decay: the SR-STE coefficient (0: plain STE); see :func:`sr_ste`.
       gradient_annealing: the factor of the gradient reaching pruned weights: 1 (the
         straight-through estimator, default), a smaller float, or a ``step -> alpha`` function.
       include, exclude, overrides, seed: see :func:`jaxsparse.core`.
     """
-    structure = as_structure(structure)
     if not float(decay) >= 0:
         raise ValueError(f"decay must be >= 0; got {decay!r}")
     if gradient_annealing is None:
         raise ValueError("the STE family trains dense shadow weights: gradient_annealing must be a float or a function")
     return sparsifier(
-        inner, sparsity=_sparsity_for(structure, sparsity), topology=ste_topology(structure, float(decay)),
-        include=include, exclude=exclude, overrides=overrides, seed=seed, gradient_annealing=gradient_annealing,
+        inner, sparsity=sparsity, topology=ste_topology(float(decay)), include=include, exclude=exclude,
+        overrides=overrides, seed=seed, structure=structure, dense_if_untileable=dense_if_untileable,
+        gradient_annealing=gradient_annealing,
     )
 
 
@@ -150,6 +138,7 @@ def sr_ste(
     exclude=None,
     overrides=None,
     seed=0,
+    dense_if_untileable: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SR-STE: N:M sparse training from scratch with the sparse-refined straight-through
     estimator (Zhou et al., 2021, "Learning N:M Fine-grained Structured Sparse Neural Networks
@@ -171,11 +160,11 @@ def sr_ste(
       inner: the optax transformation that trains the dense weights.
       n, m, axis: the N:M pattern (:func:`jaxsparse.n_of_m`).
       decay: ``lambda_W``; 0 gives plain STE.
-      gradient_annealing, include, exclude, overrides, seed: see :func:`ste`.
+      gradient_annealing, include, exclude, overrides, seed, dense_if_untileable: see :func:`ste`.
     """
     return ste(
         inner, structure=n_of_m(n, m, axis), decay=decay, gradient_annealing=gradient_annealing,
-        include=include, exclude=exclude, overrides=overrides, seed=seed,
+        include=include, exclude=exclude, overrides=overrides, seed=seed, dense_if_untileable=dense_if_untileable,
     )
 
 
