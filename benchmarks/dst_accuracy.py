@@ -128,8 +128,11 @@ def make_tx(method: str, sparsity: float, steps: int, lr, seed):
     raise ValueError(f"unknown method {method!r}")
 
 
-def train_seeds(method, sparsity, seeds, steps, data):
-    """Test accuracy of ``method`` for each seed (vmapped), and the final mask sparsity."""
+def train_seeds(method, sparsity, seeds, steps, data, make=None):
+    """Test accuracy of ``method`` for each seed (vmapped), and the final mask sparsity.
+    ``make``: the transformation factory ``(method, sparsity, steps, lr, seed) -> tx`` (default:
+    :func:`make_tx`; benchmarks/structured_accuracy.py passes its own)."""
+    make = make_tx if make is None else make
     x, y, xt, yt = data
     lr = optax.cosine_decay_schedule(1e-3, steps)
 
@@ -137,7 +140,7 @@ def train_seeds(method, sparsity, seeds, steps, data):
         key = jax.random.PRNGKey(seed)
         init_key, data_key, mask_key = jax.random.split(key, 3)
         params = init_mlp(init_key, x.shape[1], 10)
-        tx = make_tx(method, sparsity, steps, lr, mask_key)
+        tx = make(method, sparsity, steps, lr, mask_key)
         params, state = js.init(tx, params)
 
         def loss(params, xb, yb):

@@ -38,7 +38,7 @@ from jaxsparse.distributions import Distribution, as_distribution, check_sparsit
 from jaxsparse.dst import dst_update_steps
 from jaxsparse.selection import top_k_masks_nested
 from jaxsparse.structures import Structure
-from jaxsparse.core import Topology, TopologyInputs, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, as_annealing, sparsifier
 
 __all__ = ["TopKastAux", "topkast"]
 
@@ -55,7 +55,7 @@ class TopKastAux(NamedTuple):
     backward: list
 
 
-def _topkast_topology(backward: Distribution, penalty: float, update_every: int) -> Topology:
+def _topkast_topology(backward: Distribution, penalty: float, update_every: int, annealing=None) -> Topology:
     def backward_keeps(plan):
         targets = backward.solve({leaf.name: leaf.shape for leaf in plan})
         # In units of each leaf's structure, per cell times cells; at least the forward budget: an
@@ -94,13 +94,17 @@ def _topkast_topology(backward: Distribution, penalty: float, update_every: int)
         grads = []
         for leaf, g, a, b, theta in zip(inputs.plan, inputs.grads, inputs.masks, inputs.aux.backward, inputs.aux.shadow):
             scale = jnp.where(a, penalty, jnp.where(b, penalty * leaf.size / leaf.keep, 0.0))
-            grads.append((g + scale * theta.astype(jnp.float32)).astype(g.dtype))
+            g = (g + scale * theta.astype(jnp.float32)).astype(g.dtype)
+            if annealing is not None:  # outside B: the annealed gradient instead of none
+                g = jnp.where(b, g, (annealing(inputs.step) * g.astype(jnp.float32)).astype(g.dtype))
+            grads.append(g)
         return grads, inputs.aux
 
     def finish(inputs: TopologyInputs, inner_updates):
         shadow, updates = [], []
+        moves = False if annealing is None else annealing(inputs.step) > 0  # theta outside B trains while alpha > 0
         for u, a, b, theta, p in zip(inner_updates, inputs.masks, inputs.aux.backward, inputs.aux.shadow, inputs.params):
-            theta = jnp.where(b, (theta + u).astype(theta.dtype), theta)
+            theta = jnp.where(b | moves, (theta + u).astype(theta.dtype), theta)
             shadow.append(theta)
             # params become theta on A and exactly 0 elsewhere
             updates.append((jnp.where(a, theta, jnp.zeros((), theta.dtype)) - p).astype(u.dtype))
@@ -110,8 +114,10 @@ def _topkast_topology(backward: Distribution, penalty: float, update_every: int)
         init=init,
         update=update,
         is_update_step=dst_update_steps(update_every, None),
-        observe=observe if penalty > 0 else None,
-        trained=lambda masks, aux: aux.backward,
+        observe=observe if penalty > 0 or annealing is not None else None,
+        # with annealing every weight is trained (gradients outside B scaled by alpha(t)), so the
+        # core neither zeroes them nor resets moments
+        trained=(lambda masks, aux: aux.backward) if annealing is None else (lambda masks, aux: [jnp.ones_like(b) for b in aux.backward]),
         finish=finish,
         inner_params=lambda inputs: inputs.aux.shadow,  # the inner optimizer updates theta
     )
@@ -141,6 +147,7 @@ def topkast(
     overrides=None,
     structure=None,
     dense_if_untileable: bool = False,
+    gradient_annealing=None,
 ) -> optax.GradientTransformationExtraArgs:
     """Top-KAST (Jayakumar et al., 2020, "Top-KAST: Top-K Always Sparse Training", NeurIPS).
 
@@ -170,6 +177,11 @@ def topkast(
       structure, dense_if_untileable: see :func:`jaxsparse.sparsifier`: both sets are chosen in
         whole groups of the structure (tiles by the L2 norm of ``theta``; N:M: the forward set
         ``n`` of every ``m``, the backward set the same number per group as its sparsity gives).
+      gradient_annealing: None (default: no gradient outside the backward set), or a float or
+        ``step -> alpha`` function: weights outside the backward set are trained too, their
+        gradients scaled by ``alpha(t)`` (the "Top-KAST + GA" of Kundu et al., 2023, arXiv
+        2304.06941). Top-KAST keeps its own shadow weights, so this is its own hook rather than
+        the core's (:func:`jaxsparse.sparsifier`).
     """
     if sparsity is None and isinstance(structure, Structure) and structure.implied_sparsity is not None:
         sparsity = structure.implied_sparsity
@@ -187,7 +199,7 @@ def topkast(
             )
     if float(penalty) < 0:
         raise ValueError(f"penalty must be >= 0; got {penalty!r}")
-    topology = _topkast_topology(backward, float(penalty), update_every)
+    topology = _topkast_topology(backward, float(penalty), update_every, as_annealing(gradient_annealing))
     return sparsifier(
         inner, sparsity=forward, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
         structure=structure, dense_if_untileable=dense_if_untileable,

@@ -115,3 +115,16 @@ def test_inner_transformation_sees_the_dense_weights_it_trains():
     forward = records[0].masks["Dense_0/kernel"]
     assert np.any(backward & ~forward)
     np.testing.assert_allclose(after.shadow[0], np.where(backward, 0.9 * theta, theta), rtol=1e-6)
+
+
+def test_gradient_annealing_trains_weights_outside_the_backward_set():
+    """Top-KAST + GA (Kundu et al., 2023): with sgd(1) and a gradient of 1 everywhere, theta moves
+    by -1 on the backward set and by -alpha outside it; params stay theta on A, 0 elsewhere."""
+    tx = js.topkast(optax.sgd(1.0), sparsity=0.75, backward_sparsity=0.5, update_every=100, gradient_annealing=0.25)
+    records = run(tx, steps=2, loss=lambda params, x, y: jnp.sum(params["Dense_0"]["kernel"]))
+    for before, after in zip(records, records[1:]):
+        back = np.asarray(before.state.aux.backward[0])
+        theta0, theta1 = np.asarray(before.state.aux.shadow[0]), np.asarray(after.state.aux.shadow[0])
+        np.testing.assert_allclose(theta1 - theta0, np.where(back, -1.0, -0.25), atol=1e-6)
+        forward = after.masks["Dense_0/kernel"]
+        assert np.all(after.params["Dense_0/kernel"][~forward] == 0)
