@@ -40,26 +40,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jaxsparse as js  # noqa: E402
 import jaxsparse.nn as jsn  # noqa: E402
+from rigl_nnx import load  # noqa: E402  (MNIST-1D / digits, standardised; this script's folder)
 
 WIDTH, CLASSES = 2048, 10
-
-
-def load(name: str):
-    """Standardised ``(x_train, y_train, x_test, y_test)``."""
-    if name == "mnist1d":
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        data = make_dataset(get_dataset_args())  # built locally from templates, no download
-        x, y, xt, yt = data["x"], data["y"], data["x_test"], data["y_test"]
-    else:
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        split = int(0.8 * len(digits.target))
-        x, y, xt, yt = digits.data[:split], digits.target[:split], digits.data[split:], digits.target[split:]
-    mean, std = x.mean(), x.std()
-    f = lambda a: jnp.asarray((a - mean) / std, jnp.float32)
-    return f(x), jnp.asarray(y, jnp.int32), f(xt), jnp.asarray(yt, jnp.int32)
 
 
 class MLP(nn.Module):
