@@ -409,7 +409,14 @@ def sparsifier(
     """
     distribution = None if sparsity is None else as_distribution(sparsity)
     if not isinstance(structure, dict):
-        as_structure(structure)  # a bad value fails here rather than at init
+        layout = as_structure(structure)  # a bad value fails here rather than at init
+        if layout.implied_sparsity is not None and distribution is not None:  # N:M: fail before init too
+            if distribution.name != "uniform":
+                raise ValueError(
+                    f"{layout!r} fixes every leaf's sparsity at {layout.implied_sparsity:g}; got the distribution "
+                    f"{distribution!r}: omit the sparsity (sparsity=None) or give that number"
+                )
+            layout.check_sparsity(distribution.sparsity)
     inner = optax.with_extra_args_support(inner)
     plans: dict = {}
 

@@ -89,8 +89,13 @@ def test_n_of_m_sparsity_may_be_omitted_and_must_match():
     mask = np.asarray(js.get_masks(state)["Dense_0"]["kernel"])
     assert (_groups(mask) == 2).all()
     np.testing.assert_array_equal(mask, NM.select(jnp.abs(params["Dense_0"]["kernel"])))  # the largest |w|
-    with pytest.raises(ValueError, match=r"n_of_m\(2, 4, axis=-2\).*0\.9.*Dense_0/kernel"):
-        js.rigl(optax.sgd(0.1), sparsity=0.9, end_step=10, structure=NM, exclude="Dense_1").init(params)
+    with pytest.raises(ValueError, match=r"n_of_m\(2, 4, axis=-2\).*0\.9"):  # at construction
+        js.rigl(optax.sgd(0.1), sparsity=0.9, end_step=10, structure=NM)
+    with pytest.raises(ValueError, match=r"n_of_m\(2, 4, axis=-2\).*erk"):
+        js.magnitude_pruning(optax.sgd(0.1), sparsity=js.erk(0.5), structure=NM)
+    with pytest.raises(ValueError, match=r"n_of_m\(2, 4, axis=-2\).*0\.9.*Dense_0/kernel"):  # per leaf
+        js.rigl(optax.sgd(0.1), sparsity=js.uniform(0.5), overrides={"Dense_0": 0.9}, end_step=10,
+                structure=NM, exclude="Dense_1").init(params)
     with pytest.raises(ValueError, match="needs a target sparsity"):
         js.rigl(optax.sgd(0.1), end_step=10, structure=TILES).init(params)
 
