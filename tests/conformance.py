@@ -32,6 +32,11 @@ FACTORIES = {
     # The backward set equals the forward set here, so moments stay zero off the forward masks;
     # tests/test_topkast.py runs these checks with a larger backward set.
     "topkast": lambda inner: js.topkast(inner, sparsity=0.75, backward_sparsity=0.75, penalty=1e-3, update_every=2),
+    # Structures (issue 12): whole 4x4 tiles on one kernel, 2:4 on the other, in one run.
+    "rigl_structured": lambda inner: js.rigl(
+        inner, sparsity=js.uniform(0.5), update_every=2, end_step=6,
+        structure={"Dense_0": js.blocks(4, 4), "Dense_1": js.n_of_m(2, 4)},
+    ),
 }
 
 

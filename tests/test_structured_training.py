@@ -30,12 +30,12 @@ PRESETS = {
     "lamp": lambda **kw: js.lamp_pruning(optax.sgd(0.1), **kw),
     "static": lambda **kw: js.static_sparse(optax.sgd(0.1), **kw),
     "set": lambda **kw: js.set_sparse(optax.sgd(0.1), drop_fraction=0.5, **DST, **kw),
-    "rigl": lambda **kw: js.rigl(optax.adam(0.1), drop_fraction=0.5, **DST, **kw),
+    # RigL with adam: tests/conformance.py ("rigl_structured")
     "rigl_no_regrow": lambda **kw: js.rigl(optax.sgd(0.1), drop_fraction=0.5, regrow_dropped=False, **DST, **kw),
     "snfs": lambda **kw: js.snfs(optax.sgd(0.1, momentum=0.9), drop_fraction=0.5, **DST, **kw),
     "topkast": lambda **kw: js.topkast(optax.sgd(0.1), update_every=1, **kw),
 }
-DYNAMIC = {"set", "rigl", "rigl_no_regrow", "snfs", "topkast"}
+DYNAMIC = {"set", "rigl_no_regrow", "snfs", "topkast"}
 
 
 def _groups(x):  # (8, 6) -> per group of 4 consecutive inputs, per output: (2, 6) counts
