@@ -410,6 +410,10 @@ def sparsifier(
     distribution = None if sparsity is None else as_distribution(sparsity)
     if not isinstance(structure, dict):
         layout = as_structure(structure)  # a bad value fails here rather than at init
+        if distribution is None and layout.implied_sparsity is None:
+            raise ValueError(
+                f"sparsity is required with the structure {layout!r} (only n_of_m implies one); got None"
+            )
         if layout.implied_sparsity is not None and distribution is not None:  # N:M: fail before init too
             if distribution.name != "uniform":
                 raise ValueError(

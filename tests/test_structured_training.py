@@ -96,8 +96,10 @@ def test_n_of_m_sparsity_may_be_omitted_and_must_match():
     with pytest.raises(ValueError, match=r"n_of_m\(2, 4, axis=-2\).*0\.9.*Dense_0/kernel"):  # per leaf
         js.rigl(optax.sgd(0.1), sparsity=js.uniform(0.5), overrides={"Dense_0": 0.9}, end_step=10,
                 structure=NM, exclude="Dense_1").init(params)
-    with pytest.raises(ValueError, match="needs a target sparsity"):
-        js.rigl(optax.sgd(0.1), end_step=10, structure=TILES).init(params)
+    with pytest.raises(ValueError, match=r"sparsity is required with the structure blocks\(2, 2\)"):
+        js.rigl(optax.sgd(0.1), end_step=10, structure=TILES)
+    with pytest.raises(ValueError, match="'Dense_1/kernel' needs a target sparsity"):  # per leaf at init
+        js.rigl(optax.sgd(0.1), end_step=10, structure={"Dense_0": NM}).init(params)
 
 
 @pytest.mark.compat
@@ -118,3 +120,25 @@ def test_channels_prune_whole_output_units():
     _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)  # one-shot at step 0
     m = np.asarray(js.get_masks(state)["Dense_0"]["kernel"])
     assert m.all(0).sum() == 3 and (m.all(0) | ~m.any(0)).all()
+
+
+def test_rigl_drops_and_grows_whole_channels_and_keeps_constant_fan_in():
+    tx = js.rigl(optax.sgd(0.1), sparsity=js.uniform(0.5), update_every=1, end_step=100, drop_fraction=0.5,
+                 structure={"Dense_0": js.channels(), "Dense_1": js.constant_fan_in()})
+    params, state = js.init(tx, _params())
+
+    @jax.jit
+    def step(params, state, key):
+        grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    seen = set()
+    for t in range(4):
+        params, state = step(params, state, jax.random.PRNGKey(t))
+        masks = js.get_masks(state)
+        m0, m1 = np.asarray(masks["Dense_0"]["kernel"]), np.asarray(masks["Dense_1"]["kernel"])
+        assert (m0.all(0) | ~m0.any(0)).all() and m0.all(0).sum() == 3  # 3 of 6 whole output units
+        assert (m1.sum(0) == 3).all()  # fan-in 3 of 6 for every output unit
+        seen.add(m0.tobytes())
+    assert len(seen) > 1  # channels moved
