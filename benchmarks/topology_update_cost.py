@@ -11,7 +11,11 @@ step, and prints their ratios to the plain step (targets: <= 1.05x and <= 3x).
   gradient moving average, as the method requires; ``rigl_no_regrow``: RigL with
   ``regrow_dropped=False`` (growth only among positions inactive before the update, one nested
   selection instead of two dependent ones);
-- ``topkast``: forward 90%, backward 80%; every step updates the dense shadow weights.
+- ``topkast``: forward 90%, backward 80%; every step updates the dense shadow weights;
+- structured (issue 12): ``magnitude_2of4`` and ``rigl_2of4`` with ``structure=js.n_of_m(2, 4)``
+  (gradual magnitude pruning from 4 to 2 of every 4 inputs; RigL at 50%, each group regrowing
+  what it lost), ``magnitude_blocks`` and ``rigl_blocks`` with ``structure=js.blocks(128, 128)``
+  at 90% (whole tiles, scored by the L2 norm of their entries' scores).
 
     python benchmarks/topology_update_cost.py [--reps 20] [--batch 128] [--method rigl set ...]
     python benchmarks/topology_update_cost.py --method all --device gpu
@@ -78,6 +82,12 @@ def sparsifiers(update_every):
         "snfs": js.snfs(adam, sparsity=js.erk(0.9), update_every=update_every, end_step=end),
         "srigl": js.srigl(adam, sparsity=0.9, update_every=update_every, end_step=end),
         "topkast": js.topkast(adam, sparsity=0.9, backward_sparsity=0.8, penalty=1e-4, update_every=update_every),
+        "magnitude_2of4": js.magnitude_pruning(adam, structure=js.n_of_m(2, 4), schedule=gradual, update_every=update_every),
+        "rigl_2of4": js.rigl(adam, structure=js.n_of_m(2, 4), update_every=update_every, end_step=end),
+        "magnitude_blocks": js.magnitude_pruning(
+            adam, sparsity=0.9, structure=js.blocks(128, 128), schedule=gradual, update_every=update_every
+        ),
+        "rigl_blocks": js.rigl(adam, sparsity=0.9, structure=js.blocks(128, 128), update_every=update_every, end_step=end),
     }
 
 

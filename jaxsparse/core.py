@@ -68,7 +68,7 @@ from jaxsparse.distributions import Distribution, as_distribution, check_sparsit
 from jaxsparse.leaves import match_overrides, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, check_structure, is_none, map_masked
 from jaxsparse.selection import check_leaf_size
-from jaxsparse.structures import Structure, as_structure
+from jaxsparse.structures import Structure, as_structure, structures_by_leaf
 
 __all__ = [
     "SparsifierState",
@@ -258,17 +258,6 @@ def periodic_updates(update_every: int, begin_step: int = 0, end_step: int | Non
     return is_update_step
 
 
-def _structures_by_leaf(names, structure) -> dict:
-    """``{leaf name: Structure}`` from one structure (None: unstructured) or ``{regex: structure
-    or None}`` (first match wins; unmatched leaves are unstructured)."""
-    if structure is None or isinstance(structure, Structure):
-        return {n: as_structure(structure) for n in names}
-    if isinstance(structure, dict):
-        matched = match_overrides(names, structure)
-        return {n: as_structure(matched.get(n)) for n in names}
-    return {n: as_structure(structure) for n in names}  # raises, naming the bad value
-
-
 def plan_leaves(
     params, sparsity, *, include=None, exclude=None, overrides=None, structure=None, dense_if_untileable=False
 ) -> tuple[LeafPlan, ...]:
@@ -283,7 +272,7 @@ def plan_leaves(
     chosen = select_leaves(params, include, exclude)
     names = [n for n, ok in chosen.items() if ok]
     shapes = {path_to_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    structures = _structures_by_leaf(names, structure)
+    structures = structures_by_leaf(names, structure)
     if dense_if_untileable:
         names = [n for n in names if structures[n].tileable(shapes[n])]
     for name in names:
@@ -487,6 +476,19 @@ def sparsifier(
       see the pruned weights' gradients (``clip_by_global_norm`` would count them).
     """
     distribution = None if sparsity is None else as_distribution(sparsity)
+    if not isinstance(structure, dict):
+        layout = as_structure(structure)  # a bad value fails here rather than at init
+        if distribution is None and layout.implied_sparsity is None:
+            raise ValueError(
+                f"sparsity is required with the structure {layout!r} (only n_of_m implies one); got None"
+            )
+        if layout.implied_sparsity is not None and distribution is not None:  # N:M: fail before init too
+            if distribution.name != "uniform":
+                raise ValueError(
+                    f"{layout!r} fixes every leaf's sparsity at {layout.implied_sparsity:g}; got the distribution "
+                    f"{distribution!r}: omit the sparsity (sparsity=None) or give that number"
+                )
+            layout.check_sparsity(distribution.sparsity)
     inner = optax.with_extra_args_support(inner)
     annealing = as_annealing(gradient_annealing)
     if annealing is not None and (topology.finish is not None or topology.inner_params is not None):

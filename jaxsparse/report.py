@@ -1,6 +1,7 @@
 """Per-layer sparsity tables, printable and available as data for logging.
 
-- :func:`sparsity_report`: what a params tree holds (nonzeros per leaf).
+- :func:`sparsity_report`: what a params tree holds (nonzeros per leaf), and with ``structure=``
+  whether each leaf's nonzeros comply with its structure (N:M, blocks, ...).
 - :func:`preview_sparsity`: what a sparsifier will aim for, before training (each leaf's target
   sparsity and exact budget under a distribution, filters and overrides).
 """
@@ -13,7 +14,8 @@ import jax
 import numpy as np
 
 from jaxsparse.core import plan_leaves
-from jaxsparse.leaves import path_to_str
+from jaxsparse.leaves import path_to_str, select_leaves
+from jaxsparse.structures import structures_by_leaf
 
 __all__ = ["LeafReport", "SparsityReport", "sparsity_report", "LeafTarget", "SparsityPreview", "preview_sparsity"]
 
@@ -28,13 +30,17 @@ def _table(header, lines, left: int = 2) -> str:
 
 
 class LeafReport(NamedTuple):
-    """One row: a leaf's name, shape, number of nonzero entries, size and sparsity."""
+    """One row: a leaf's name, shape, number of nonzero entries, size and sparsity; with a
+    structure, its name (``""``: none given) and whether the leaf's nonzeros comply with it
+    (None: the structure cannot tile the leaf)."""
 
     path: str
     shape: tuple
     nonzeros: int
     size: int
     sparsity: float
+    structure: str = ""
+    complies: bool | None = None
 
 
 class SparsityReport(NamedTuple):
@@ -47,6 +53,7 @@ class SparsityReport(NamedTuple):
         """``{"sparsity/<path>": sparsity, ..., "sparsity/total": ...}``, ready for a logger."""
         out = {f"sparsity/{r.path}": r.sparsity for r in self.rows}
         out["sparsity/total"] = self.total.sparsity
+        out.update({f"complies/{r.path}": float(r.complies) for r in self.rows if r.complies is not None})
         return out
 
     def __str__(self) -> str:
@@ -55,28 +62,53 @@ class SparsityReport(NamedTuple):
             (r.path, shape(r), f"{r.nonzeros:,}", f"{r.size:,}", f"{r.sparsity:.2%}")
             for r in (*self.rows, self.total)
         ]
-        return _table(("path", "shape", "nonzeros", "size", "sparsity"), lines)
+        header = ("path", "shape", "nonzeros", "size", "sparsity")
+        if any(r.structure for r in self.rows):
+            verdict = {True: "yes", False: "NO", None: "untileable"}
+            lines = [
+                (*line, r.structure, verdict[r.complies] if r.structure else "")
+                for line, r in zip(lines, (*self.rows, self.total))
+            ]
+            header = (*header, "structure", "complies")
+        return _table(header, lines)
 
 
-def sparsity_report(params, *, only_sparse: bool = False) -> SparsityReport:
+def sparsity_report(params, *, only_sparse: bool = False, structure=None, include=None, exclude=None) -> SparsityReport:
     """Count the nonzero entries of every array leaf of ``params``.
 
     Args:
       params: any pytree of arrays (flax, nnx state, equinox module, dict...).
       only_sparse: list only leaves that have at least one zero entry (the total still
         covers every leaf).
+      structure: the structure the params were trained with (``js.n_of_m(2, 4)``,
+        ``js.blocks(128, 128)``, ... or ``{regex: structure}`` per leaf, as given to the
+        sparsifier): adds a ``structure`` and a ``complies`` column for the leaves chosen by
+        ``include`` / ``exclude`` (default: the leaves sparsifiers sparsify). N:M complies when
+        every group holds at most ``n`` nonzeros; blocks and channels when the nonzeros form
+        whole tiles or units (a kept weight that is exactly 0 breaks that); constant fan-in when
+        every output unit has the same number of nonzeros, or none.
 
     Returns:
       A :class:`SparsityReport`; ``print(report)`` shows the table, ``report.rows`` and
       ``report.total`` hold the numbers, ``report.as_dict()`` flattens them for logging.
     """
+    layouts = {}
+    if structure is not None:
+        chosen = select_leaves(params, include, exclude)
+        layouts = structures_by_leaf([n for n, ok in chosen.items() if ok], structure)
     rows = []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not hasattr(x, "shape"):
             continue
-        size = int(np.prod(x.shape))
-        nnz = int(np.count_nonzero(np.asarray(jax.device_get(x))))
-        rows.append(LeafReport(path_to_str(path), tuple(x.shape), nnz, size, 1.0 - nnz / size if size else 0.0))
+        name, size = path_to_str(path), int(np.prod(x.shape))
+        nonzero = np.asarray(jax.device_get(x)) != 0
+        nnz = int(np.count_nonzero(nonzero))
+        row = LeafReport(name, tuple(x.shape), nnz, size, 1.0 - nnz / size if size else 0.0)
+        layout = layouts.get(name)
+        if layout is not None and not layout.is_unstructured:
+            complies = bool(layout.complies(nonzero)) if layout.tileable(x.shape) else None
+            row = row._replace(structure=repr(layout), complies=complies)
+        rows.append(row)
     nnz = sum(r.nonzeros for r in rows)
     size = sum(r.size for r in rows)
     total = LeafReport("total", (), nnz, size, 1.0 - nnz / size if size else 0.0)
@@ -118,7 +150,9 @@ class SparsityPreview(NamedTuple):
         return _table(("path", "shape", "size", "target", "kept"), lines)
 
 
-def preview_sparsity(params, sparsity, *, include=None, exclude=None, overrides=None) -> SparsityPreview:
+def preview_sparsity(
+    params, sparsity=None, *, include=None, exclude=None, overrides=None, structure=None, dense_if_untileable=False
+) -> SparsityPreview:
     """The per-leaf target sparsities and exact budgets a sparsifier will use, before training.
 
     Takes the same ``sparsity`` (a float or a distribution such as ``jaxsparse.erk(0.9)``),
@@ -130,9 +164,16 @@ def preview_sparsity(params, sparsity, *, include=None, exclude=None, overrides=
     Each sparsified leaf of size ``N`` at target ``s`` keeps exactly ``N - floor(s N)`` entries
     once the schedule (if any) is complete; other leaves stay dense. The total row counts every
     leaf, dense ones included. For presets that spread a float with a published distribution
-    (RigL and SRigL: ERK; SET: ER), pass that distribution to see their targets.
+    (RigL and SRigL: ERK; SET: ER), pass that distribution to see their targets. With
+    ``structure`` (and ``dense_if_untileable``) as given to the sparsifier, budgets count whole
+    groups (``js.blocks(r, c)``: ``T - floor(s T)`` tiles; ``js.n_of_m(n, m)``: ``n`` of every
+    ``m``, and ``sparsity`` may be None).
     """
-    plan = {leaf.name: leaf for leaf in plan_leaves(params, sparsity, include=include, exclude=exclude, overrides=overrides)}
+    plan = plan_leaves(
+        params, sparsity, include=include, exclude=exclude, overrides=overrides, structure=structure,
+        dense_if_untileable=dense_if_untileable,
+    )
+    plan = {leaf.name: leaf for leaf in plan}
     rows = []
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not hasattr(x, "shape"):

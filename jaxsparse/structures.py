@@ -50,6 +50,7 @@ from jax import lax
 
 from jaxsparse import counts
 from jaxsparse.distributions import check_sparsity, keep_count
+from jaxsparse.leaves import match_overrides
 from jaxsparse.selection import score_keys
 from jaxsparse.selection import select_top_k as _select_unit_top_k
 from jaxsparse.selection import top_k_mask, top_k_per_column
@@ -57,7 +58,7 @@ from jaxsparse.selection import top_k_mask, top_k_per_column
 __all__ = [
     "Structure", "Unstructured", "NofM", "Blocks", "Channels", "ConstantFanIn",
     "unstructured", "n_of_m", "blocks", "channels", "constant_fan_in", "as_structure",
-    "select_top_k", "select_units_top_k", "group_norm",
+    "select_top_k", "select_units_top_k", "group_norm", "structures_by_leaf",
 ]
 
 # N:M groups up to this size are ranked by pairwise comparisons (m compare passes, cheap for the
@@ -501,6 +502,17 @@ def as_structure(structure) -> Structure:
         f"structure must be a jaxsparse structure (js.n_of_m(2, 4), js.blocks(128, 128), js.channels(), "
         f"js.constant_fan_in(), js.unstructured()) or None; got {structure!r}"
     )
+
+
+def structures_by_leaf(names, structure) -> dict:
+    """``{leaf name: Structure}`` for the leaf paths ``names``, from one structure (None:
+    unstructured) or ``{regex: structure or None}`` (first match wins, unmatched leaves are
+    unstructured; a regex matching no leaf raises a ValueError)."""
+    if isinstance(structure, dict):
+        matched = match_overrides(list(names), structure)
+        return {n: as_structure(matched.get(n)) for n in names}
+    layout = as_structure(structure)
+    return {n: layout for n in names}
 
 
 def select_units_top_k(structures: Sequence[Structure], shapes, unit_scores, ks, group_of, unit_where=None) -> list:

@@ -37,6 +37,11 @@ FACTORIES = {
     "sr_ste": lambda inner: js.sr_ste(inner, n=2, m=4),
     "st3": lambda inner: js.st3(inner, sparsity=0.75, end_step=4),
     "autosparse": lambda inner: js.autosparse(inner, end_step=6, threshold_init=-1.0),
+    # Structures (issue 12): whole 4x4 tiles on one kernel, 2:4 on the other, in one run.
+    "rigl_structured": lambda inner: js.rigl(
+        inner, sparsity=js.uniform(0.5), update_every=2, end_step=6,
+        structure={"Dense_0": js.blocks(4, 4), "Dense_1": js.n_of_m(2, 4)},
+    ),
 }
 
 # Transformations whose inner optimizer trains dense shadow weights: their moments are dense (a

@@ -157,13 +157,14 @@ def test_to_block_sparse_on_a_plain_tree():
     assert isinstance(out["w"], BlockSparseMatrix) and out["w"].block_shape == (2, 2)
     assert out["b"] is params["b"]
     element = rng.random((4, 6)) < 0.3
-    out = jsn.to_block_sparse(params, {"w": element, "b": None}, block_shape=(2, 3))
+    with pytest.warns(UserWarning, match=r"not made of whole \(2, 3\) blocks"):
+        out = jsn.to_block_sparse(params, {"w": element, "b": None}, block_shape=(2, 3))
     np.testing.assert_array_equal(out["w"].to_dense(), np.where(element, params["w"], 0))
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"pass block_shape"):
-        jsn.to_block_sparse({"w": np.ones((4, 6))}, {"w": np.ones((4, 6), bool)})
+    with pytest.raises(ValueError, match=r"pass block_shape.*structure=js.blocks"):
+        jsn.to_block_sparse({"w": np.ones((4, 6))}, {"w": np.eye(4, 6, dtype=bool)})
     with pytest.raises(ValueError, match=r"\(3, 4\) does not tile a kernel of shape \(4, 6\)"):
         jsn.to_block_sparse({"w": np.ones((4, 6))}, {"w": np.ones((3, 4), bool)})
     with pytest.raises(ValueError, match=r"block_shape \(3, 4\) does not divide"):
@@ -172,3 +173,49 @@ def test_bad_input():
         jsn.linen.BlockSparseDense(6, (3, 4)).init(jax.random.key(0), jnp.ones((2, 8)))
     with pytest.raises(ValueError, match="density"):
         jsn.random_block_mask(0.0)
+
+
+class _BlockMLP(nn.Module):
+    block_shapes: tuple
+
+    @nn.compact
+    def __call__(self, x):
+        h = jsn.linen.BlockSparseDense(8, self.block_shapes[0], name="hidden")(x)
+        return jsn.linen.BlockSparseDense(6, self.block_shapes[1], name="out")(nn.relu(h))
+
+
+@pytest.mark.compat
+def test_masks_of_a_blocks_sparsifier_convert_with_no_hand_conversion():
+    import jaxsparse as js
+
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((5, 4)), jnp.float32)
+    params = DenseMLP().init(jax.random.key(0), x)["params"]
+    tx = js.rigl(optax.sgd(0.1), sparsity=0.5, structure=js.blocks(2, 2), update_every=1, end_step=10)
+    params, state = js.init(tx, params)
+    grads = jax.grad(lambda p: jnp.sum(DenseMLP().apply({"params": p}, x) ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    masks = js.get_masks(state)  # element masks of whole 2x2 tiles
+    converted = jsn.to_block_sparse(params, masks)
+    shapes = []
+    for name in ("hidden", "out"):
+        w = converted[name]["kernel"]
+        assert isinstance(w, BlockSparseMatrix) and w.block_shape[0] % 2 == 0 and w.block_shape[1] % 2 == 0
+        np.testing.assert_array_equal(w.to_dense(), params[name]["kernel"])
+        shapes.append(w.block_shape)
+    dense_out = DenseMLP().apply({"params": params}, x)
+    variables = jsn.linen.variables_from_dense(params, masks)
+    np.testing.assert_allclose(_BlockMLP(tuple(shapes)).apply(variables, x), dense_out, rtol=1e-5, atol=1e-5)
+    layer = jsn.nnx.BlockSparseDense.from_dense(params["hidden"]["kernel"], masks["hidden"]["kernel"], params["hidden"]["bias"])
+    np.testing.assert_allclose(layer(x), x @ params["hidden"]["kernel"] + params["hidden"]["bias"], rtol=1e-5, atol=1e-5)
+    assert jsn.block_shape_of(js.blocks(2, 4).select(jnp.asarray(np.random.default_rng(0).random((8, 16))), 0.5)) == (2, 4)
+
+
+def test_unstructured_mask_to_blocks_warns_with_the_kept_block_density():
+    import jaxsparse as js
+
+    kernel = jnp.asarray(np.random.default_rng(6).standard_normal((8, 8)), jnp.float32)
+    mask = js.unstructured().select(jnp.abs(kernel), 0.75)
+    with pytest.warns(UserWarning, match=r"not made of whole \(4, 4\) blocks: 100\.0% of the blocks.*25\.0% of the entries.*js\.blocks\(4, 4\)"):
+        w = jsn.kernel_to_block_sparse(kernel, mask, block_shape=(4, 4))
+    np.testing.assert_array_equal(w.to_dense(), jnp.where(mask, kernel, 0))

@@ -114,10 +114,30 @@ def test_untileable_shapes_raise_naming_leaf_shape_and_structure():
 def test_select_top_k_over_leaves_with_structures():
     a, b, c = _scores((8, 8), 0), _scores((4, 8), 1), _scores((8, 4), 2)
     strs = [js.blocks(2, 2), js.unstructured(), js.n_of_m(1, 4)]
-    masks = structures.select_top_k(strs, [a, b, c], jnp.array([5, 7, 8]), [0, 1, 2])
+    select = jax.jit(structures.select_top_k, static_argnums=(0, 3))  # one compile, not op by op
+    masks = select(tuple(strs), [a, b, c], jnp.array([5, 7, 8]), (0, 1, 2))
     assert js.blocks(2, 2).unit_mask(masks[0]).sum() == 5 and bool(js.blocks(2, 2).complies(masks[0]))
     assert masks[1].sum() == 7
     assert (_nm_counts(masks[2], 4) == 1).all()
     # one-cell leaves share a global budget in units
-    masks = structures.select_top_k(strs[:2], [a, b], jnp.array([9]), [0, 0])
+    masks = select(tuple(strs[:2]), [a, b], jnp.array([9]), (0, 0))
     assert js.blocks(2, 2).unit_mask(masks[0]).sum() + masks[1].sum() == 9
+
+
+@pytest.mark.compat
+def test_report_shows_structure_and_compliance():
+    good = js.n_of_m(2, 4).select(_scores((8, 4)))
+    params = {"Dense_0": {"kernel": jnp.where(good, 1.0, 0.0), "bias": jnp.ones(4)},
+              "Dense_1": {"kernel": jnp.ones((8, 4))}, "Dense_2": {"kernel": jnp.ones((6, 4))}}
+    report = js.sparsity_report(params, structure=js.n_of_m(2, 4))
+    rows = {r.path: r for r in report.rows}
+    assert rows["Dense_0/kernel"].complies is True and rows["Dense_1/kernel"].complies is False
+    assert rows["Dense_2/kernel"].complies is None and rows["Dense_0/bias"].structure == ""
+    text = str(report)
+    assert "n_of_m(2, 4, axis=-2)" in text and "NO" in text and "untileable" in text
+    assert report.as_dict()["complies/Dense_1/kernel"] == 0.0
+    tiles = {"Dense_0": {"kernel": jnp.zeros((4, 4)).at[:2, 2:].set(1.0)}, "Dense_1": {"kernel": jnp.eye(4)}}
+    rows = js.sparsity_report(tiles, structure=js.blocks(2, 2)).rows
+    assert [r.complies for r in rows] == [True, False]
+    preview = js.preview_sparsity(params, structure=js.n_of_m(2, 4), dense_if_untileable=True)
+    assert {r.path: r.keep for r in preview.rows}["Dense_1/kernel"] == 16

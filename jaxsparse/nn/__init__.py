@@ -16,9 +16,12 @@ submodules, which are loaded on first access (``jaxsparse.nn.linen``).
 
 import importlib
 
-from jaxsparse.nn.convert import all_blocks, random_block_mask, to_block_sparse
+from jaxsparse.nn.convert import all_blocks, block_shape_of, kernel_to_block_sparse, random_block_mask, to_block_sparse
 
-__all__ = ["all_blocks", "random_block_mask", "to_block_sparse", "linen", "nnx", "attention"]
+__all__ = [
+    "all_blocks", "random_block_mask", "to_block_sparse", "kernel_to_block_sparse", "block_shape_of", "linen", "nnx",
+    "attention",
+]
 
 
 def __getattr__(name):
