@@ -16,7 +16,8 @@ ocp = pytest.importorskip("orbax.checkpoint")
 @pytest.mark.parametrize("make", [
     lambda: js.rigl(optax.adam(1e-2), sparsity=js.uniform(0.75), update_every=2, end_step=10, seed=1),
     lambda: js.topkast(optax.adamw(1e-2), sparsity=0.75, update_every=2),
-], ids=["rigl", "topkast"])
+    lambda: js.autosparse(optax.adamw(1e-2), end_step=10, threshold_init=-1.0),
+], ids=["rigl", "topkast", "autosparse"])
 def test_readme_recipe_resumes_bit_for_bit(make, tmp_path):
     tx = make()
     step = make_step(tx)
