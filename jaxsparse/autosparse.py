@@ -139,6 +139,9 @@ def autosparse(
 
     Params hold ``sign(W) * max(|W| - sigmoid(s_l), 0)`` (exactly 0 where ``|W| <= tau_l``); the
     dense ``W`` are in ``state.shadow``, the thresholds ``s_l`` in ``state.aux.thresholds``.
+    ``js.init`` returns the initial weights masked (``W`` where ``|W| > tau_l``, not yet
+    shifted by ``tau_l``: ``tx.init`` cannot see the soft threshold); from the first step on,
+    params are the soft-thresholded weights.
 
     Example::
 

@@ -98,3 +98,15 @@ def test_fixed_budget_variant():
             dense = np.abs(np.asarray(state.shadow[k]["kernel"]))
             assert dense[m].min() >= dense[~m].max()
             assert np.all(np.asarray(params[k]["kernel"])[~m] == 0)
+
+
+def test_gradient_annealing_on_n_of_m():
+    tx = js.autosparse(optax.adam(1e-1), structure=js.n_of_m(2, 4), end_step=10)
+    params, state = js.init(tx, mlp_params())
+    step = make_step(tx)
+    for t in range(3):
+        params, state = step(params, state, *batch(t))
+        for k in ("Dense_0", "Dense_1"):
+            w = np.asarray(params[k]["kernel"])
+            assert np.all((w != 0).reshape(-1, 4, w.shape[1]).sum(axis=1) <= 2)
+            assert np.all(np.asarray(state.masks[k]["kernel"]).reshape(-1, 4, w.shape[1]).sum(axis=1) == 2)
