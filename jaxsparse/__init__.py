@@ -20,6 +20,7 @@ from jaxsparse.core import (
     Topology,
     TopologyInputs,
     get_masks,
+    get_shadow,
     init,
     periodic_updates,
     sparsifier,
@@ -74,7 +75,7 @@ __all__ = [
     "Structure", "unstructured", "n_of_m", "blocks", "channels", "constant_fan_in",
     # gradient annealing and the straight-through family
     "ste", "sr_ste", "st3", "autosparse", "autosparse_alpha", "mdgf", "sdgf", "sdgf_stages",
-    "sigmoid_cosine_decay", "mask_decay",
+    "sigmoid_cosine_decay", "mask_decay", "get_shadow",
     # reporting
     "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]

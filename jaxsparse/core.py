@@ -78,6 +78,7 @@ __all__ = [
     "Topology",
     "sparsifier",
     "get_masks",
+    "get_shadow",
     "sparsifier_states",
     "init",
     "as_key",
@@ -734,6 +735,30 @@ def get_masks(state, params=None):
     if params is None:
         return merged
     return _named_tree(params, {path_to_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(merged)[0]})
+
+
+def get_shadow(state):
+    """The dense shadow weights of the jaxsparse sparsifiers with gradient annealing inside an
+    optimizer state, however nested (like :func:`get_masks`): a params-shaped tree with the dense
+    weights on sparsified leaves and ``None`` elsewhere (several sparsifiers: merged).
+
+    These are the weights the inner optimizer trains under ``gradient_annealing=`` and in the
+    straight-through family (STE, SR-STE, ST-3, AutoSparse, MDGF, SDGF); params hold their forward
+    (masked) version.
+
+    Raises:
+      ValueError: if the state holds no sparsifier with shadow weights.
+    """
+    states = sparsifier_states(state)
+    trees = [s.shadow if isinstance(s, SparsifierState) else s.get("shadow") for s in states]
+    trees = [_unwrap_variables(t) for t in trees if t is not None]
+    if not trees:
+        raise ValueError(
+            "no shadow weights in this state: they exist only with gradient_annealing= (and in the STE family); "
+            "Top-KAST keeps its own in state.aux.shadow"
+        )
+    merged = functools.reduce(_merge_masks, trees)
+    return jax.tree.map(lambda x: None if _is_masked_node(x) else x, merged, is_leaf=lambda x: _is_masked_node(x) or x is None)
 
 
 def init(tx: optax.GradientTransformation, params):

@@ -384,3 +384,15 @@ def test_gradient_annealing_errors():
     for bad in (1.5, -0.1, "half", True):
         with pytest.raises(ValueError, match="gradient_annealing"):
             js.magnitude_pruning(optax.sgd(0.1), sparsity=0.5, gradient_annealing=bad)
+
+
+def test_get_shadow_finds_the_dense_weights_however_nested():
+    tx = optax.inject_hyperparams(lambda lr: js.ste(optax.sgd(lr), sparsity=0.5))(lr=0.1)
+    state = tx.init(mlp_params())
+    shadow = js.get_shadow(optax.MultiSteps(tx, 2).init(mlp_params()))
+    np.testing.assert_array_equal(shadow["Dense_0"]["kernel"], mlp_params()["Dense_0"]["kernel"])
+    assert shadow["Dense_0"]["bias"] is None
+    assert jax.tree.structure(js.get_shadow(state), is_leaf=lambda x: x is None) == jax.tree.structure(
+        js.get_masks(state), is_leaf=lambda x: x is None)
+    with pytest.raises(ValueError, match="no shadow weights"):
+        js.get_shadow(pruner(optax.sgd(0.1)).init(mlp_params()))
