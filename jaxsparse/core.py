@@ -120,7 +120,12 @@ class LeafPlan(NamedTuple):
 class TopologyInputs(NamedTuple):
     """What a topology rule sees, as lists aligned with ``plan`` (one entry per sparsified leaf).
 
-    ``grads`` are the raw (dense) gradients of this step, ``None`` at init.
+    ``grads`` are the raw (dense) gradients of this step, ``None`` at init. Under a structure,
+    each plan leaf carries it (``leaf.structure``, ``leaf.layout``; budgets ``leaf.keep_units`` in
+    whole groups): a topology selects with :func:`jaxsparse.structures.select_top_k` (entry
+    scores aggregated per group, as many leaves as wanted in shared passes),
+    ``leaf.layout.select(scores, leaf.sparsity)``, or
+    :func:`jaxsparse.dst.drop_and_grow` with ``structures=``, so its masks are made of whole groups.
     """
 
     plan: tuple[LeafPlan, ...]
