@@ -147,9 +147,14 @@ class LeafPlan(NamedTuple):
 class TopologyInputs(NamedTuple):
     """What a topology rule sees, as lists aligned with ``plan`` (one entry per sparsified leaf).
 
-    ``grads`` are the raw (dense) gradients of this step, ``None`` at init. With gradient
-    annealing, ``params`` are the dense shadow weights and ``alpha`` is this step's annealing
-    factor (a traced float32 scalar); without, ``alpha`` is None.
+    ``grads`` are the raw (dense) gradients of this step, ``None`` at init. Under a structure,
+    each plan leaf carries it (``leaf.structure``, ``leaf.layout``; budgets ``leaf.keep_units`` in
+    whole groups): a topology selects with :func:`jaxsparse.structures.select_top_k` (entry
+    scores aggregated per group, as many leaves as wanted in shared passes),
+    ``leaf.layout.select(scores, leaf.sparsity)``, or
+    :func:`jaxsparse.dst.drop_and_grow` with ``structures=``, so its masks are made of whole groups.
+    With gradient annealing, ``params`` are the dense shadow weights and ``alpha`` is this
+    step's annealing factor (a traced float32 scalar); without, ``alpha`` is None.
     """
 
     plan: tuple[LeafPlan, ...]

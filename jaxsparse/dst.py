@@ -194,9 +194,9 @@ def drop_and_grow(masks, drop_scores, grow_scores, n_drop, n_grow, *, regrow_dro
     masks = list(masks)
     if not masks:
         return [], [], []
-    if structures is None:
+    layouts = [as_structure(s) for s in (structures or [None] * len(masks))]
+    if all(s.is_unstructured for s in layouts):
         return _drop_and_grow_units(masks, drop_scores, grow_scores, n_drop, n_grow, regrow_dropped)
-    layouts = [as_structure(s) for s in structures]
     shapes = [tuple(m.shape) for m in masks]
     whole = [i for i, (s, shape) in enumerate(zip(layouts, shapes)) if s.cells(shape) == 1]
     per_cell = [i for i in range(len(masks)) if i not in whole]

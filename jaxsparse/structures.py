@@ -476,9 +476,17 @@ def n_of_m(n: int, m: int, axis: int = -2) -> NofM:
 
 
 def blocks(r: int, c: int) -> Blocks:
-    """Whole ``(r, c)`` tiles on the last two axes, kept by the L2 norm of their scores; the
-    block masks convert directly to ``jaxsparse.nn.BlockSparseDense`` and
-    ``pallas_kernels.BlockSparseMatrix``. See :class:`Blocks`."""
+    """Whole ``(r, c)`` tiles on the last two axes; a leaf of ``T`` tiles at sparsity ``s`` keeps
+    exactly ``T - floor(s T)`` of them (NaN lowest, ties to the lowest tile index).
+
+    A tile's score is the **L2 norm** of its entries' scores (:func:`group_norm`): with magnitude
+    scores that is the tile's Frobenius norm, which bounds what the tile adds to the layer's
+    output, and with RigL's gradient scores it is the norm of the gradient on the tile, the rate
+    at which the loss falls when the whole tile is grown, so both of RigL's rules carry over from
+    entries to tiles. (L1 would rank a tile of many small entries like one large entry; the max
+    would let one entry decide for ``r * c``.) The block masks convert directly to
+    ``jaxsparse.nn.BlockSparseDense`` and ``pallas_kernels.BlockSparseMatrix``. See
+    :class:`Blocks`."""
     return Blocks(r, c)
 
 

@@ -46,10 +46,8 @@ def _tiles(x):  # (6, 4) -> (3, 2, 2, 2, ...) tile view: (3, 2) grid of 2x2 tile
     return np.asarray(x).reshape(3, 2, 2, 2).transpose(0, 2, 1, 3).reshape(3, 2, 4)
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_params_keep_the_structure_after_every_step(name):
-    tx = PRESETS[name](sparsity=js.uniform(0.5), structure=STRUCTURE)
-    params, state = js.init(tx, _params())
+def _jitted_step(tx):
+    """One compiled step on random gradients."""
 
     @jax.jit
     def step(params, state, key):
@@ -57,6 +55,15 @@ def test_params_keep_the_structure_after_every_step(name):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
+    return step
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_params_keep_the_structure_after_every_step(name):
+    tx = PRESETS[name](sparsity=js.uniform(0.5), structure=STRUCTURE)
+    params, state = js.init(tx, _params())
+
+    step = _jitted_step(tx)
     history = []
     for t in range(7):
         params, state = step(params, state, jax.random.PRNGKey(t))
@@ -127,12 +134,7 @@ def test_rigl_drops_and_grows_whole_channels_and_keeps_constant_fan_in():
                  structure={"Dense_0": js.channels(), "Dense_1": js.constant_fan_in()})
     params, state = js.init(tx, _params())
 
-    @jax.jit
-    def step(params, state, key):
-        grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
+    step = _jitted_step(tx)
     seen = set()
     for t in range(4):
         params, state = step(params, state, jax.random.PRNGKey(t))
