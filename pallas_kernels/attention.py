@@ -58,7 +58,8 @@ def _default_backend() -> str:
 
 def _validate(q, k, v, block_mask, block_q: int, block_k: int):
     """Raise a ValueError naming the shapes for anything the paths cannot compute."""
-    shapes = f"q {q.shape}, k {k.shape}, v {v.shape}, block_mask {jnp.shape(block_mask)}"
+    mask_shape = None if block_mask is None else jnp.shape(block_mask)
+    shapes = f"q {q.shape}, k {k.shape}, v {v.shape}, block_mask {mask_shape}"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [batch, heads, seq, head_dim]; got {shapes}")
     if k.shape != v.shape:
