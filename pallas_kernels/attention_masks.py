@@ -61,6 +61,9 @@ __all__ = [
     "or_fn",
     "block_kinds",
     "block_mask_from_fn",
+    "EMPTY",
+    "PARTIAL",
+    "FULL",
 ]
 
 
