@@ -31,11 +31,9 @@ __all__ = ["bsr_matmul", "default_bsr_backend", "dense_threshold"]
 
 BACKENDS = ("xla", "tpu", "gpu", "dense")
 
-# CPU: the XLA path's block loop reaches ~45% of dense matmul's speed per nonzero block at blocks of
-# 128x128, ~30% at 64x64 and less for smaller blocks (benchmarks/RESULTS.md, 2-core CPU, x of 2048
-# and 256 rows), so above these densities (stored blocks / all blocks) a dense matmul of the
-# densified matrix is faster. (block area at least, density from which the dense path runs)
-_DENSE_FROM = ((128 * 128, 0.4), (64 * 64, 0.25), (32 * 32, 0.15), (0, 0.05))
+# CPU: above these block densities (stored blocks / all blocks) a dense matmul of the densified
+# matrix beats the XLA path's block loop (see dense_threshold). (least block area, density)
+_DENSE_FROM = ((128 * 128, 0.4), (64 * 64, 0.3), (32 * 32, 0.15), (0, 0.05))
 
 
 class _Path(NamedTuple):
@@ -60,10 +58,12 @@ _KERNEL_BLOCK_SHAPE = {"tpu": bsr_matmul_tpu.kernel_block_shape, "gpu": bsr_matm
 
 def dense_threshold(block_shape) -> float:
     """The block density from which ``bsr_matmul`` on CPU multiplies by the densified matrix
-    instead of looping over blocks: 0.4 for blocks of at least 128x128 elements, 0.25 from 64x64,
-    0.15 from 32x32, 0.05 below (measured: the block loop's speed per nonzero block relative to a
-    dense matmul, ~45% at 128x128 and ~30% at 64x64, with a margin so that the loop is chosen only
-    where it is faster)."""
+    instead of looping over blocks: 0.4 for blocks of at least 128x128 elements, 0.3 from 64x64,
+    0.15 from 32x32, 0.05 below. Measured (``benchmarks/RESULTS.md``): the block loop's speed per
+    nonzero block is ~45% of a dense matmul's at 128x128 and ~30% at 64x64 on an idle 2-core CPU
+    (break-even densities ~0.45 and ~0.3), and at 32x32 about half of 64x64's in side-by-side runs;
+    the thresholds sit at or below break-even, so the loop runs only where it is faster. The
+    dense path costs a dense matmul plus densifying ``w`` (a few percent at 2048x2048)."""
     area = block_shape[0] * block_shape[1]
     return next(threshold for least, threshold in _DENSE_FROM if area >= least)
 
@@ -176,7 +176,7 @@ def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret
         dimensions >= 16), or ``None`` for ``default_bsr_backend(w)``: the device's kernel on
         TPU/GPU; on CPU never slower than a dense matmul of the same matrix: ``"dense"`` when the
         block density (stored blocks / all blocks) is at least ``dense_threshold(block_shape)``
-        (0.4 at blocks of 128x128, 0.25 at 64x64, 0.15 at 32x32, 0.05 below; measured in
+        (0.4 at blocks of 128x128, 0.3 at 64x64, 0.15 at 32x32, 0.05 below; measured in
         ``benchmarks/bsr_matmul.py``), else ``"xla"``, decided at run time for a traced pattern.
         A kernel given other
         blocks zero-pads them to its ``kernel_block_shape``: the result is the same, the padding
