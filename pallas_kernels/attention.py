@@ -116,26 +116,55 @@ def _block_kinds(block_mask, rule, static: bool, q_shape, seq_k: int, block_q: i
         rule_kinds = FULL
     elif static:
         rule_kinds = attention_masks.block_kinds(rule, seq_q, seq_k, block_q=block_q, block_k=block_k, heads=heads, batch=batch)
-    else:
-        rule_kinds = PARTIAL
+    else:  # every visited block partial, with the batch / head dims the rule depends on
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+        dims = jax.eval_shape(rule, i32(batch, 1, 1, 1), i32(1, heads, 1, 1), i32(1, 1, 1, 1), i32(1, 1, 1, 1)).shape
+        dims = (1,) * (4 - len(dims)) + tuple(dims)
+        rule_kinds = np.full((dims[0], dims[1], 1, 1), PARTIAL, np.int8)
     if isinstance(visited, jax.core.Tracer):
         return jnp.where(visited, rule_kinds, EMPTY).astype(jnp.int8)
     return np.where(visited, rule_kinds, EMPTY).astype(np.int8)
 
 
 def _plan(backend: str, kinds, max_blocks: int | None, chunk: int):
-    """The index arrays of one path (concrete and exactly sized when ``kinds`` is concrete), and
-    the XLA path's static pair counts (``None`` when traced)."""
+    """The index arrays of one path (concrete and exactly sized when ``kinds`` is concrete): XLA
+    ``{"pairs", "n_full", "n_partial"}`` (counts ints when concrete), TPU the pairs row by row and
+    column by column, GPU the padded row and column lists; for the kernels also ``slots`` per
+    entry, the index of its partial block's token mask (``_partial_masks``)."""
     concrete = not isinstance(kinds, jax.core.Tracer)
     with jax.ensure_compile_time_eval():
         rows = compress_block_kinds(kinds, max_blocks)
         if backend == "xla":
             pairs, n_full, n_partial = pairs_by_kind(*rows, pad=chunk)
-            return ((pairs,), (n_full, n_partial)) if concrete else ((pairs, n_full, n_partial), None)
+            return dict(pairs=pairs, n_full=n_full, n_partial=n_partial)
         cols = compress_block_kinds(kinds.swapaxes(-1, -2), None if concrete else kinds.shape[-2])
+        partial = (kinds == PARTIAL).reshape(-1)
+        slot_ids = jnp.maximum(jnp.cumsum(partial, dtype=jnp.int32) - 1, 0).reshape(kinds.shape)
         if backend == "tpu":
-            return (pairs_by_row(*rows), pairs_by_row(*cols)), None
-        return (rows, cols), None
+            by_row, by_col = pairs_by_row(*rows), pairs_by_row(*cols)
+            return dict(rows=by_row, cols=by_col, row_slots=slot_ids[by_row.b, by_row.h, by_row.row, by_row.col],
+                        col_slots=slot_ids[by_col.b, by_col.h, by_col.col, by_col.row])
+        return dict(rows=rows, cols=cols, row_slots=jnp.take_along_axis(slot_ids, rows[0], -1),
+                    col_slots=jnp.take_along_axis(slot_ids.swapaxes(-1, -2), cols[0], -1))
+
+
+def _partial_masks(kinds, rule, consts, max_blocks: int | None, block_q: int, block_k: int):
+    """Token masks ``[n, block_q, block_k]`` (int8) of the partial block pairs, in flat order of
+    ``kinds`` (the order of ``_plan``'s slots), evaluated by XLA so that a kernel only loads them
+    (splash attention's partial mask blocks): any rule runs on any path, gathers included. A
+    traced mask gets one per possible visited pair."""
+    with jax.ensure_compile_time_eval():
+        partial = (kinds == PARTIAL).reshape(-1)
+        if isinstance(kinds, jax.core.Tracer):
+            n = int(np.prod(kinds.shape[:-1])) * (kinds.shape[-1] if max_blocks is None else min(max_blocks, kinds.shape[-1]))
+        else:
+            n = int(partial.sum())
+        if rule is None or n == 0:
+            return jnp.zeros((1, block_q, block_k), jnp.int8)
+        flat = jnp.argsort(~partial, stable=True)[:n].astype(jnp.int32)
+        _, mask_heads, nq, nk = kinds.shape
+        b, h, i, j = flat // (mask_heads * nq * nk), flat // (nq * nk) % mask_heads, flat // nk % nq, flat % nk
+    return attention_xla.rule_keep(rule, consts, b, h, i, j).astype(jnp.int8)
 
 
 def block_sparse_attention(
@@ -186,7 +215,9 @@ def block_sparse_attention(
       scale: score scale, default ``1 / sqrt(head_dim)``.
       backend: ``"xla"``, ``"tpu"`` or ``"gpu"``; default the current platform's kernel, XLA on CPU.
         The gpu (Triton) path needs head_dim, block_q and block_k to be powers of two >= 16.
-        In the kernels, arrays the rule closes over become whole-array kernel inputs.
+        The kernels do not evaluate the rule: XLA evaluates the token masks of the partial blocks
+        before the call (``n_partial * block_q * block_k`` bytes; for a rule over traced arrays one
+        per visited pair) and the kernels load them, so any rule runs on any path.
       interpret: run a Pallas kernel in interpret mode (CPU testing); ``True`` or a Pallas
         ``InterpretParams``.
       max_blocks: static length of the per-row key block lists when the mask is traced (e.g.
@@ -212,7 +243,13 @@ def block_sparse_attention(
     mask_dims = tuple(int(n) for n in kinds.shape[:2])
     shared = (q.shape[0] if mask_dims[0] == 1 else 1) * (q.shape[1] if mask_dims[1] == 1 else 1)
     chunk = max(1, _XLA_STEP_BLOCKS // shared)
-    plan, counts = _plan(backend, kinds, max_blocks, chunk)
+    plan = _plan(backend, kinds, max_blocks, chunk)
+    counts = None
+    if backend == "xla" and isinstance(plan["n_full"], int):
+        counts = (plan.pop("n_full"), plan.pop("n_partial"))  # static: part of the config
+    elif backend != "xla":
+        plan["masks"] = _partial_masks(kinds, rule, consts, max_blocks, block_q, block_k)
+        rule, consts = None, ()  # the kernels load the partial masks instead of evaluating the rule
     if isinstance(interpret, bool) or interpret is None:
         interpret = bool(interpret)
     config = _Config(backend, int(block_q), int(block_k), scale, interpret, rule, mask_dims, chunk, counts)
@@ -225,33 +262,32 @@ def _attention(config, q, k, v, plan, consts):
 
 
 def _kernel_kwargs(config: _Config):
-    kwargs = dict(block_q=config.block_q, block_k=config.block_k, scale=config.scale, rule=config.rule, mask_dims=config.mask_dims)
+    kwargs = dict(block_q=config.block_q, block_k=config.block_k, scale=config.scale, mask_dims=config.mask_dims)
     if config.backend == "xla":
-        kwargs["chunk"] = config.chunk
+        kwargs.update(chunk=config.chunk, rule=config.rule)
     else:
         kwargs["interpret"] = config.interpret
     return kwargs
 
 
-def _index_args(config: _Config, plan, backward: bool):
-    """Index arguments of a path: XLA ``(pairs, n_full, n_partial)``; a kernel its row lists (TPU
-    pairs by row, GPU padded lists) and, for the backward, its column lists."""
-    if config.backend == "xla":
-        return (*plan, *config.counts) if config.counts is not None else tuple(plan)
-    return tuple(plan) if backward else (plan[0],)
+def _full_plan(config: _Config, plan):
+    if config.counts is None:
+        return plan
+    return dict(plan, n_full=config.counts[0], n_partial=config.counts[1])
 
 
 def _attention_fwd(config, q, k, v, plan, consts):
     impl = _IMPLS[config.backend]
-    out, lse = impl.forward(q, k, v, *_index_args(config, plan, False), consts, **_kernel_kwargs(config))
+    out, lse = impl.forward(q, k, v, _full_plan(config, plan), consts, **_kernel_kwargs(config))
     return out, (q, k, v, out, lse, plan, consts)
 
 
 def _attention_bwd(config, residuals, do):
     q, k, v, out, lse, plan, consts = residuals
     impl = _IMPLS[config.backend]
-    dq, dk, dv = impl.backward(q, k, v, out, lse, do, *_index_args(config, plan, True), consts, **_kernel_kwargs(config))
-    return dq, dk, dv, None, tuple(None for _ in consts)
+    dq, dk, dv = impl.backward(q, k, v, out, lse, do, _full_plan(config, plan), consts, **_kernel_kwargs(config))
+    none = lambda tree: jax.tree_util.tree_map(lambda _: None, tree)
+    return dq, dk, dv, none(plan), none(consts)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -43,6 +43,7 @@ __all__ = [
     "forward",
     "backward",
     "closure_rule",
+    "rule_keep",
     "token_indices",
     "init_carry",
     "softmax_step",
@@ -226,6 +227,17 @@ class _Chunk(NamedTuple):
     keep: jax.Array
 
 
+def rule_keep(rule: Rule, consts, b, h, row, col):
+    """The rule's token masks ``[*shape, block_q, block_k]`` (bool) of the block pairs
+    ``(b, h, row, col)``, int32 arrays of one rank whose shapes broadcast to ``shape``."""
+
+    def token_rule(b, h, row, col):
+        return rule.fn(b, h, *token_indices(row, col, rule.block_q, rule.block_k), *consts)
+
+    shape = jnp.broadcast_shapes(b.shape, h.shape, row.shape, col.shape)
+    return _map_broadcast(token_rule, [b, h, row, col], shape)
+
+
 def _chunk(pairs: Pairs, start, stop, chunk: int, q_shape, mask_dims, rule, consts):
     """Pairs ``start .. start + chunk`` of the list (those at or past ``stop`` are not kept)."""
     batch, heads = q_shape[:2]
@@ -235,11 +247,7 @@ def _chunk(pairs: Pairs, start, stop, chunk: int, q_shape, mask_dims, rule, cons
     row, col = take(pairs.row), take(pairs.col)
     keep = (start + jnp.arange(chunk) < stop)[None, None, :, None, None]
     if rule is not None:
-        def token_rule(b, h, row, col):
-            return rule.fn(b, h, *token_indices(row, col, rule.block_q, rule.block_k), *consts)
-
-        shape = jnp.broadcast_shapes(b.shape, h.shape, row.shape)
-        keep = keep & _map_broadcast(token_rule, [b, h, row, col], shape)
+        keep = keep & rule_keep(rule, consts, b, h, row, col)
     return _Chunk(b, h, row, col, keep)
 
 
@@ -259,13 +267,17 @@ def _visit(body, carry, pairs, n_full, n_partial, chunk: int, q_shape, mask_dims
     return carry
 
 
-def forward(q, k, v, pairs: Pairs, n_full, n_partial, consts=(), *, block_q: int, block_k: int, scale: float,
-            rule: Rule | None, mask_dims, chunk: int):
+def _pair_plan(plan):
+    return plan["pairs"], plan["n_full"], plan["n_partial"]
+
+
+def forward(q, k, v, plan, consts=(), *, block_q: int, block_k: int, scale: float, rule: Rule | None, mask_dims, chunk: int):
     """Block-sparse attention forward over a flat pair list.
 
     Args:
       q: ``[B, H, Sq, d]``; k, v: ``[B, Hkv, Sk, d]``.
-      pairs, n_full, n_partial: from ``block_index.pairs_by_kind`` (padded by at least ``chunk``).
+      plan: ``{"pairs", "n_full", "n_partial"}`` from ``block_index.pairs_by_kind`` (padded by at
+        least ``chunk``); the counts are ints for a concrete mask, traced scalars otherwise.
       consts, rule: the token rule of the partial pairs (``closure_rule``), or ``rule=None``.
       mask_dims: ``(Bm, Hm)``, the mask's batch and head dims (1: shared by all).
       chunk: pairs per loop step.
@@ -293,13 +305,13 @@ def forward(q, k, v, pairs: Pairs, n_full, n_partial, consts=(), *, block_q: int
 
     m, l, acc = init_carry(qb.shape)
     carry = (m[..., 0], l[..., 0], acc)
-    m, l, acc = _visit(body, carry, pairs, n_full, n_partial, chunk, q.shape, mask_dims, rule, consts)
+    m, l, acc = _visit(body, carry, *_pair_plan(plan), chunk, q.shape, mask_dims, rule, consts)
     out, lse = finish((m[..., None], l[..., None], acc))
     return out.astype(q.dtype).reshape(q.shape), lse.reshape(q.shape[:3])
 
 
-def backward(q, k, v, out, lse, do, pairs: Pairs, n_full, n_partial, consts=(), *, block_q: int, block_k: int,
-             scale: float, rule: Rule | None, mask_dims, chunk: int):
+def backward(q, k, v, out, lse, do, plan, consts=(), *, block_q: int, block_k: int, scale: float, rule: Rule | None,
+             mask_dims, chunk: int):
     """Gradients ``(dq, dk, dv)`` of block-sparse attention, visiting only the listed pairs.
 
     ``out``/``lse`` come from ``forward``; ``do`` is the output cotangent; the other arguments as in
@@ -319,5 +331,5 @@ def backward(q, k, v, out, lse, do, pairs: Pairs, n_full, n_partial, consts=(), 
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
     carry = (zeros(qb), zeros(kb), zeros(vb))
-    dq, dk, dv = _visit(body, carry, pairs, n_full, n_partial, chunk, q.shape, mask_dims, rule, consts)
+    dq, dk, dv = _visit(body, carry, *_pair_plan(plan), chunk, q.shape, mask_dims, rule, consts)
     return dq.reshape(q.shape).astype(q.dtype), dk.reshape(k.shape).astype(k.dtype), dv.reshape(v.shape).astype(v.dtype)

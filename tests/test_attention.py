@@ -194,7 +194,8 @@ def test_bad_input_raises_value_error_naming_shapes():
 
 
 def _lower(backend, platform):
-    """Lower forward + backward for a real accelerator (checks Mosaic / Triton lowering, no run)."""
+    """Lower forward + backward for a real accelerator (checks Mosaic / Triton lowering, no run),
+    with full and partial blocks (causal, and a document rule over segment ids)."""
     seq, bs = 512, 128
     mask = am.union(
         am.sliding_window_mask(seq, seq, 128, causal=True, block_q=bs, block_k=bs),
@@ -202,7 +203,8 @@ def _lower(backend, platform):
     )
     q = jax.ShapeDtypeStruct((1, 4, seq, 64), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 2, seq, 64), jnp.bfloat16)
-    attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bs, block_k=bs, causal=True, backend=backend)
+    documents = am.document_fn(np.repeat(np.arange(4), 128))  # partial blocks from a rule that gathers
+    attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, mask_fn=documents, block_q=bs, block_k=bs, causal=True, backend=backend)
     grads = jax.grad(lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
     return jax.jit(grads).trace(q, kv, kv).lower(lowering_platforms=(platform,)).as_text()
 
