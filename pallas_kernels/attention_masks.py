@@ -1,4 +1,4 @@
-"""Block masks for block-sparse attention: static patterns and a dynamic top-k selection.
+"""Masks for block-sparse attention: block patterns, token-level rules, and a dynamic top-k selection.
 
 A block mask is a boolean array ``[heads or 1, seq_q // block_q, seq_k // block_k]`` (optionally
 with a leading batch dimension, ``[batch or 1, heads or 1, ...]``): entry ``(h, i, j)`` says that
@@ -22,6 +22,14 @@ return concrete numpy arrays, so the attention can size its block lists from the
 - ``union`` / ``intersection`` combine patterns (BigBird = window | global | random);
   ``stack_heads`` gives each head its own pattern (the Sparse Transformer's split of the strided
   pattern across heads).
+
+Token-level rules (``mask_fn(batch, head, q_index, k_index) -> bool``, FlexAttention's
+``mask_mod``, He et al. 2024, arXiv:2412.05496) make the pattern token-exact inside the visited
+blocks: ``causal_fn``, ``sliding_window_fn`` (Mistral / Longformer windows), ``global_tokens_fn``,
+``document_fn`` (packed sequences from segment ids), ``prefix_lm_fn``, combined by ``and_fn`` /
+``or_fn``. ``block_kinds`` classifies every block of a rule as empty, partial or full (evaluated
+block row by block row, never as a ``seq_q x seq_k`` array) and ``block_mask_from_fn`` returns its
+boolean block mask; ``block_sparse_attention(..., mask_fn=rule)`` does this itself.
 
 ``topk_mask`` chooses the mask from the data: each query block keeps the ``top_k`` key blocks with
 the largest score between mean-pooled query and key blocks. This is the block selection of

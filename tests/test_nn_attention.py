@@ -72,3 +72,20 @@ def test_token_rule_and_per_call_segment_ids():
     blocks = np.repeat(np.repeat(local_global_mask(10, 3)(64, 16, 16)[0], 16, 0), 16, 1)  # the builder's blocks stay
     docs = (seg[:, :, None] == seg[:, None, :])[:, None] & (j <= i) & blocks
     np.testing.assert_allclose(apply(params, x, seg), _manual_attention(params, x, 2, 2, docs), atol=1e-5, rtol=1e-5)
+
+
+def test_nnx_layer_matches_dense_masked_attention():
+    """The nnx layer: projections, GQA, a token rule given per call, against the dense math."""
+    from flax import nnx
+
+    from jaxsparse.nn.nnx import BlockSparseSelfAttention as NnxAttention
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 64, 16)), jnp.float32)
+    layer = NnxAttention(16, 4, num_kv_heads=2, block_q=16, block_k=32, causal=True, rngs=nnx.Rngs(0))
+    params = {"params": {name: {"kernel": getattr(layer, name).kernel[...], "bias": getattr(layer, name).bias[...]}
+                         for name in ("query", "key", "value", "out")}}
+    i, j = np.arange(64)[:, None], np.arange(64)[None]
+    np.testing.assert_allclose(layer(x), _manual_attention(params, x, 4, 2, j <= i), atol=1e-5, rtol=1e-5)
+    window = am.sliding_window_fn(12)
+    out = nnx.jit(lambda layer, x: layer(x, mask_fn=window))(layer, x)
+    np.testing.assert_allclose(out, _manual_attention(params, x, 4, 2, (j <= i) & (j >= i - 12)), atol=1e-5, rtol=1e-5)
