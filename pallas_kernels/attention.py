@@ -240,6 +240,9 @@ def block_sparse_attention(
         mask_fn = attention_masks.causal_fn() if mask_fn is None else attention_masks.and_fn(attention_masks.causal_fn(), mask_fn)
     rule, consts, static = (None, (), True) if mask_fn is None else closure_rule(mask_fn, block_q, block_k)
     kinds = _block_kinds(block_mask, mask_fn, static, q.shape, k.shape[2], block_q, block_k)
+    if isinstance(kinds, jax.core.Tracer) and max_blocks is not None:
+        # The lists keep each row's first max_blocks visited columns; so do the partial masks.
+        kinds = jnp.where(jnp.cumsum(kinds != EMPTY, axis=-1) <= max_blocks, kinds, EMPTY).astype(jnp.int8)
     mask_dims = tuple(int(n) for n in kinds.shape[:2])
     shared = (q.shape[0] if mask_dims[0] == 1 else 1) * (q.shape[1] if mask_dims[1] == 1 else 1)
     chunk = max(1, _XLA_STEP_BLOCKS // shared)
