@@ -82,7 +82,7 @@ class TransformerLM(nn.Module):
         x = x + self.param("pos", nn.initializers.normal(0.02), (seq, self.width))
         for _ in range(self.depth):
             x = x + BlockSparseSelfAttention(
-                num_heads=self.heads, block_q=self.block, block_k=self.block, causal=True, mask_fn=self.mask_fn
+                num_heads=self.heads, block_q=self.block, block_k=self.block, causal=True, mask_builder=self.mask_fn
             )(nn.LayerNorm()(x))
             h = nn.gelu(nn.Dense(4 * self.width)(nn.LayerNorm()(x)))
             x = x + nn.Dense(self.width)(h)

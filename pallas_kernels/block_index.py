@@ -6,15 +6,33 @@ indices is padded to a fixed length ``max_blocks``. The padding repeats the row'
 index: a kernel that walks the padded list then asks for the block it already holds, so the
 pipeline skips the copy (TPU) and nothing new is fetched, and ``counts`` tells it where the
 real entries end.
+
+Attention with a token-level rule (``attention_masks``) classifies each block pair as empty,
+partial or full; ``compress_block_kinds`` lists full blocks before partial ones, and
+``pairs_by_kind`` / ``pairs_by_row`` flatten the lists into one list of nonzero block pairs, so
+that a loop or a kernel grid follows the number of pairs however they spread over the rows
+(no row padded to the longest).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["compress_block_mask", "max_blocks_per_row"]
+__all__ = [
+    "compress_block_mask",
+    "max_blocks_per_row",
+    "compress_block_kinds",
+    "Pairs",
+    "pairs_by_kind",
+    "pairs_by_row",
+    "EMPTY",
+    "PARTIAL",
+    "FULL",
+]
 
 
 def max_blocks_per_row(block_mask) -> int:
@@ -75,3 +93,118 @@ def compress_block_mask(block_mask, max_blocks: int | None = None):
     slot = jnp.arange(max_blocks, dtype=jnp.int32)
     indices = jnp.where(slot < counts[..., None], order, last)
     return indices, counts
+
+
+# Kinds of a block pair under a token-level rule (``attention_masks.block_kinds``): no allowed token
+# pair (never visited), some (visited with the per-token rule applied), all (visited unmasked).
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def compress_block_kinds(kinds, max_blocks: int | None = None):
+    """Per-row lists of the visited blocks of a kinds array, full blocks first, then partial ones.
+
+    Args:
+      kinds: int ``[..., rows, cols]`` of ``EMPTY``/``PARTIAL``/``FULL``.
+      max_blocks: static list length, as in ``compress_block_mask``.
+
+    Returns:
+      ``(indices, full_counts, counts)``: ``indices`` int32 ``[..., rows, max_blocks]``, each row's
+      full columns then its partial columns (each group in increasing order), padded by repeating the
+      last entry; ``full_counts`` and ``counts`` int32 ``[..., rows]``: the row's first
+      ``full_counts`` entries are full, the next ``counts - full_counts`` partial.
+    """
+    kinds = jnp.asarray(kinds)
+    indices, counts = compress_block_mask(kinds != EMPTY, max_blocks)
+    # Stable sort of the listed columns by kind (full first); padding, repeated, stays last.
+    slot = jnp.arange(indices.shape[-1], dtype=jnp.int32)
+    listed_kind = jnp.take_along_axis(kinds, indices, axis=-1)
+    key = jnp.where(slot < counts[..., None], jnp.where(listed_kind == FULL, 0, 1), 2)
+    order = jnp.argsort(key, axis=-1, stable=True)
+    indices = jnp.take_along_axis(indices, order, axis=-1)
+    last = jnp.take_along_axis(indices, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    indices = jnp.where(slot < counts[..., None], indices, last)
+    full_counts = jnp.sum((key == 0), axis=-1, dtype=jnp.int32)
+    return indices.astype(jnp.int32), full_counts, counts
+
+
+class Pairs(NamedTuple):
+    """A flat list of (mask batch, mask head, row block, column block) pairs and a flag per pair.
+
+    Built from the lists of ``compress_block_kinds`` by ``pairs_by_kind`` (the XLA path: all full
+    pairs, then all partial ones) or ``pairs_by_row`` (the TPU kernels' flat grids: row by row).
+    """
+
+    b: jax.Array
+    h: jax.Array
+    row: jax.Array
+    col: jax.Array
+    flags: jax.Array  # pairs_by_kind: unused zeros; pairs_by_row: FIRST | LAST | COMPUTE | PARTIAL bits
+
+
+# Flag bits of ``pairs_by_row``: first / last entry of its row, a real pair (not the stand-in of an
+# empty row or padding), and a partial (rule-masked) pair.
+FIRST, LAST, COMPUTE, PARTIAL_BIT = 1, 2, 4, 8
+
+
+def _flat_fields(indices, flat):
+    """(b, h, row, col) of the flat positions ``flat`` of padded lists ``[Bm, Hm, rows, slots]``."""
+    _, mask_heads, rows, slots = indices.shape
+    entry = flat // slots
+    return entry // (mask_heads * rows), entry // rows % mask_heads, entry % rows, indices.reshape(-1)[flat]
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def pairs_by_kind(indices, full_counts, counts, pad: int):
+    """All full pairs, then all partial ones, as one flat list; the XLA path visits them in chunks.
+
+    Args are ``[Bm, Hm, rows, ...]`` lists from ``compress_block_kinds``. Returns ``(pairs,
+    n_full, n_partial)``. Concrete lists give exactly ``n_full + n_partial`` pairs (numpy, counts
+    as ints); traced ones every slot of every row (counts traced), real pairs first. Either way
+    ``pad`` pairs are appended so that a chunk starting at any real pair stays in bounds.
+    """
+    slot = jnp.arange(indices.shape[-1], dtype=jnp.int32)
+    kind = jnp.where(slot < full_counts[..., None], 0, jnp.where(slot < counts[..., None], 1, 2)).reshape(-1)
+    order = jnp.argsort(kind, stable=True).astype(jnp.int32)
+    n_full, n_partial = jnp.sum(full_counts), jnp.sum(counts - full_counts)
+    if _concrete(order):
+        n_full, n_partial = int(n_full), int(n_partial)
+        order = order[: n_full + n_partial]
+    order = jnp.concatenate([order, jnp.zeros(pad, jnp.int32)])
+    b, h, row, col = _flat_fields(indices, order)
+    pairs = Pairs(b, h, row, col, jnp.zeros_like(order))
+    return pairs, n_full, n_partial
+
+
+def pairs_by_row(indices, full_counts, counts):
+    """The pairs row by row (rows of each mask batch and head in order), for a flat kernel grid
+    whose output block follows the pair's row (consecutive pairs revisit it).
+
+    An empty row gets one stand-in entry (flags ``FIRST | LAST``, no ``COMPUTE``) so that its output
+    is still written. Concrete lists give exactly that many entries (numpy); traced ones every slot
+    of every row, the real entries first and the rest repeating the last real entry with no flags
+    (a kernel fetches nothing new and does nothing for them).
+    """
+    slot = jnp.arange(indices.shape[-1], dtype=jnp.int32)
+    entries = jnp.maximum(counts, 1)[..., None]
+    valid = (slot < entries).reshape(-1)
+    order = jnp.argsort(~valid, stable=True).astype(jnp.int32)
+    total = jnp.sum(valid, dtype=jnp.int32)
+    if _concrete(order):
+        order = order[: int(total)]
+    position = jnp.arange(order.shape[0], dtype=jnp.int32)
+    order = order[jnp.minimum(position, total - 1)]
+    s = order % indices.shape[-1]
+    flat_rows = order // indices.shape[-1]
+    row_counts, row_full, row_entries = (x.reshape(-1)[flat_rows] for x in (counts, full_counts, entries[..., 0]))
+    flags = (
+        jnp.where(s == 0, FIRST, 0)
+        | jnp.where(s == row_entries - 1, LAST, 0)
+        | jnp.where(s < row_counts, COMPUTE, 0)
+        | jnp.where(s >= row_full, PARTIAL_BIT, 0)
+    )
+    flags = jnp.where(position < total, flags, 0).astype(jnp.int32)
+    b, h, row, col = _flat_fields(indices, order)
+    return Pairs(b, h, row, col, flags)

@@ -27,9 +27,13 @@ import jax.numpy as jnp
 from pallas_kernels import bsr_matmul_gpu, bsr_matmul_tpu, bsr_matmul_xla
 from pallas_kernels.bsr_format import BlockSparseMatrix
 
-__all__ = ["bsr_matmul", "default_bsr_backend"]
+__all__ = ["bsr_matmul", "default_bsr_backend", "dense_threshold"]
 
-BACKENDS = ("xla", "tpu", "gpu")
+BACKENDS = ("xla", "tpu", "gpu", "dense")
+
+# CPU: above these block densities (stored blocks / all blocks) a dense matmul of the densified
+# matrix beats the XLA path's block loop (see dense_threshold). (least block area, density)
+_DENSE_FROM = ((128 * 128, 0.4), (64 * 64, 0.3), (32 * 32, 0.15), (0, 0.05))
 
 
 class _Path(NamedTuple):
@@ -52,16 +56,46 @@ def _path(config) -> _Path:
 _KERNEL_BLOCK_SHAPE = {"tpu": bsr_matmul_tpu.kernel_block_shape, "gpu": bsr_matmul_gpu.kernel_block_shape}
 
 
+def dense_threshold(block_shape) -> float:
+    """The block density from which ``bsr_matmul`` on CPU multiplies by the densified matrix
+    instead of looping over blocks: 0.4 for blocks of at least 128x128 elements, 0.3 from 64x64,
+    0.15 from 32x32, 0.05 below. Measured (``benchmarks/RESULTS.md``): the block loop's speed per
+    nonzero block is ~45% of a dense matmul's at 128x128 and ~30% at 64x64 on an idle 2-core CPU
+    (break-even densities ~0.45 and ~0.3), and at 32x32 about half of 64x64's in side-by-side runs;
+    the thresholds sit at or below break-even, so the loop runs only where it is faster. The
+    dense path costs a dense matmul plus densifying ``w`` (a few percent at 2048x2048)."""
+    area = block_shape[0] * block_shape[1]
+    return next(threshold for least, threshold in _DENSE_FROM if area >= least)
+
+
+def _block_density(w: BlockSparseMatrix):
+    kb, nb = w.pattern.grid
+    return w.nnz_blocks() / (kb * nb)
+
+
 def default_bsr_backend(w: BlockSparseMatrix) -> str:
     """The path ``bsr_matmul(x, w)`` takes by default: the Pallas kernel of the default device
-    (``"tpu"`` or ``"gpu"``; blocks its tiling cannot take are zero-padded), else ``"xla"``.
+    (``"tpu"`` or ``"gpu"``; blocks its tiling cannot take are zero-padded). On CPU ``"dense"``
+    (``x @ w.to_dense()``) when ``w``'s block density is at least ``dense_threshold(block_shape)``,
+    else ``"xla"``; for a traced pattern (``w`` a ``jit`` argument) ``"xla"`` here, and
+    ``bsr_matmul`` picks between the two at run time (``lax.cond`` on the stored block count).
 
     On an accelerator the kernels beat the XLA path's loop of small products even with padding
-    (a loop step costs a few kernel launches); on CPU only the XLA path runs natively.
+    (a loop step costs a few kernel launches).
     """
-    del w  # every block shape runs on every path
     platform = jax.default_backend()
-    return platform if platform in _KERNEL_BLOCK_SHAPE else "xla"
+    if platform in _KERNEL_BLOCK_SHAPE:
+        return platform
+    density = _block_density(w)
+    if isinstance(density, jax.core.Tracer):
+        return "xla"
+    return "dense" if float(density) >= dense_threshold(w.block_shape) else "xla"
+
+
+def _dense_product(x, w: BlockSparseMatrix, dtype):
+    """``x @ w.to_dense()``: differentiable by autodiff (the weight gradient is gathered at the
+    stored blocks by ``to_dense``'s transpose; padding slots get zero)."""
+    return jnp.dot(x, w.to_dense().astype(dtype), preferred_element_type=jnp.promote_types(dtype, jnp.float32)).astype(dtype)
 
 
 def _pad_blocks(x, data, pattern, block_shape):
@@ -135,10 +169,16 @@ def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret
     Args:
       x: floating array ``(..., K)``.
       w: a ``BlockSparseMatrix`` of shape ``(K, N)``.
-      backend: ``"xla"`` (pure XLA, runs everywhere; the CPU default and the reference),
+      backend: ``"xla"`` (pure XLA block loop, runs everywhere; the reference),
+        ``"dense"`` (``x @ w.to_dense()``: faster on CPU above a block density, see below),
         ``"tpu"`` (Pallas TPU kernel, scalar-prefetched block lists; runs block dimensions that
         are multiples of 128), ``"gpu"`` (Pallas Triton kernel; runs power-of-two block
-        dimensions >= 16), or ``None`` for ``default_bsr_backend(w)``. A kernel given other
+        dimensions >= 16), or ``None`` for ``default_bsr_backend(w)``: the device's kernel on
+        TPU/GPU; on CPU never slower than a dense matmul of the same matrix: ``"dense"`` when the
+        block density (stored blocks / all blocks) is at least ``dense_threshold(block_shape)``
+        (0.4 at blocks of 128x128, 0.3 at 64x64, 0.15 at 32x32, 0.05 below; measured in
+        ``benchmarks/bsr_matmul.py``), else ``"xla"``, decided at run time for a traced pattern.
+        A kernel given other
         blocks zero-pads them to its ``kernel_block_shape``: the result is the same, the padding
         costs its share of the work.
       interpret: run a Pallas kernel in interpret mode (on CPU, for tests). For ``"tpu"`` it may
@@ -158,6 +198,8 @@ def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret
     for name, dtype in (("x", x.dtype), ("w", w.dtype)):
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"{name} must have a floating dtype; got {dtype} (x shape {x.shape}, w shape {w.shape})")
+    choose_at_run_time = backend is None and jax.default_backend() not in _KERNEL_BLOCK_SHAPE
+    choose_at_run_time &= isinstance(_block_density(w), jax.core.Tracer)
     if backend is None:
         backend = default_bsr_backend(w)
     if backend not in BACKENDS:
@@ -165,6 +207,15 @@ def bsr_matmul(x, w: BlockSparseMatrix, *, backend: str | None = None, interpret
     dtype = jnp.result_type(x.dtype, w.dtype)
     if x.size == 0:  # no rows: nothing for a kernel grid to cover
         return jnp.zeros((*x.shape[:-1], n), dtype)
+    if backend == "dense":
+        return _dense_product(x, w, dtype)
+    if choose_at_run_time:
+        return jax.lax.cond(
+            _block_density(w) >= dense_threshold(w.block_shape),
+            lambda x, w: _dense_product(x, w, dtype),
+            lambda x, w: bsr_matmul(x, w, backend="xla"),
+            x, w,
+        )
     operands = x.reshape(-1, k).astype(dtype), w.data.astype(dtype), w.pattern
     block_shape = _KERNEL_BLOCK_SHAPE[backend](w.shape, w.block_shape) if backend in _KERNEL_BLOCK_SHAPE else w.block_shape
     if block_shape != w.block_shape:

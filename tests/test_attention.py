@@ -7,6 +7,7 @@ import pytest
 
 from pallas_kernels import attention_masks as am
 from pallas_kernels.attention import block_sparse_attention
+from pallas_kernels.block_index import FULL
 
 BACKENDS = ["xla", "tpu", "gpu"]
 
@@ -193,7 +194,8 @@ def test_bad_input_raises_value_error_naming_shapes():
 
 
 def _lower(backend, platform):
-    """Lower forward + backward for a real accelerator (checks Mosaic / Triton lowering, no run)."""
+    """Lower forward + backward for a real accelerator (checks Mosaic / Triton lowering, no run),
+    with full and partial blocks (causal, and a document rule over segment ids)."""
     seq, bs = 512, 128
     mask = am.union(
         am.sliding_window_mask(seq, seq, 128, causal=True, block_q=bs, block_k=bs),
@@ -201,7 +203,8 @@ def _lower(backend, platform):
     )
     q = jax.ShapeDtypeStruct((1, 4, seq, 64), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 2, seq, 64), jnp.bfloat16)
-    attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, block_q=bs, block_k=bs, causal=True, backend=backend)
+    documents = am.document_fn(np.repeat(np.arange(4), 128))  # partial blocks from a rule that gathers
+    attend = lambda q, k, v: block_sparse_attention(q, k, v, mask, mask_fn=documents, block_q=bs, block_k=bs, causal=True, backend=backend)
     grads = jax.grad(lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
     return jax.jit(grads).trace(q, kv, kv).lower(lowering_platforms=(platform,)).as_text()
 
@@ -226,3 +229,159 @@ def test_tpu_kernels_in_the_tpu_interpreter():
 
     data, want_out, want_grads = _case_data("empty_rows_causal")
     _check("tpu", data, want_out, want_grads, interpret=pltpu.InterpretParams())
+
+
+# --- Token-level rules (mask_fn) on every path, several row and column tiles in every kernel grid.
+
+
+def token_reference(q, k, v, allowed, scale=None):
+    """Dense attention with a token mask ``allowed`` broadcasting to ``[B, H, Sq, Sk]``; rows with
+    no allowed key give zeros (and zero gradients)."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    k, v = jnp.repeat(k, heads // kv_heads, axis=1), jnp.repeat(v, heads // kv_heads, axis=1)
+    scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    s = jnp.einsum("bhqd,bhkd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32), precision="highest") * scale
+    m = jnp.where(allowed, s, -jnp.inf).max(-1, keepdims=True)
+    p = jnp.where(allowed, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    return jnp.einsum("bhqk,bhkd->bhqd", p, v.astype(jnp.float32), precision="highest")
+
+
+def _allowed(rule, block_mask, batch, heads, seq_q, seq_k, bq, bk):
+    """Token mask ``[B, H, Sq, Sk]`` of a rule restricted to a block mask (brute force)."""
+    b = np.arange(batch)[:, None, None, None]
+    h = np.arange(heads)[None, :, None, None]
+    tokens = np.broadcast_to(np.asarray(rule(b, h, np.arange(seq_q)[:, None], np.arange(seq_k)[None])), (batch, heads, seq_q, seq_k))
+    if block_mask is not None:
+        blocks = np.asarray(block_mask, bool)
+        blocks = blocks[None] if blocks.ndim == 3 else blocks
+        tokens = tokens & np.repeat(np.repeat(blocks, bq, -2), bk, -1)
+    return tokens
+
+
+def _segments(batch, seq, seed):
+    """Packed documents of random lengths, one packing per example."""
+    rng = np.random.default_rng(seed)
+    ids = np.stack([np.sort(rng.integers(0, 5, seq)) for _ in range(batch)]).astype(np.int32)
+    return ids
+
+
+def _uneven(shape, seed, density=0.5):
+    """Random block mask with uneven rows: one empty row, one full row."""
+    mask = np.random.default_rng(seed).random(shape) < density
+    mask[..., 1, :] = False
+    mask[..., 2, :] = True
+    return mask
+
+
+# name -> (heads, kv_heads, seq_q, seq_k, head_dim, block_q, block_k, rule, block_mask, causal)
+RULE_CASES = {
+    # documents (per example) closing over segment ids, causal, uneven block mask, GQA, d=64
+    "documents_causal_gqa_d64": (4, 2, 64, 64, 64, 16, 16, am.and_fn(am.document_fn(_segments(2, 64, 0)), am.causal_fn()),
+                                 _uneven((1, 4, 4), 0, 0.7), False),
+    # window + global tokens, causal shorthand with seq_q != seq_k, MQA, d=128, per-head block mask
+    "window_global_causal_rect_d128": (2, 1, 64, 96, 128, 16, 32, am.or_fn(am.sliding_window_fn(10, 3), am.global_tokens_fn(5)),
+                                       _uneven((2, 4, 3), 1, 0.8), True),
+    # prefix-LM with one prefix length per example, no block mask (all blocks), rectangular blocks
+    "prefix_lm_per_example": (2, 2, 96, 64, 32, 32, 16, am.prefix_lm_fn(np.array([7, 40])), None, False),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _rule_case(name):
+    heads, kv_heads, seq_q, seq_k, dim, bq, bk, rule, block_mask, causal = RULE_CASES[name]
+    q = _random((2, heads, seq_q, dim), 10)
+    k, v = _random((2, kv_heads, seq_k, dim), 11), _random((2, kv_heads, seq_k, dim), 12)
+    cot = _random(q.shape, 13)
+    full_rule = am.and_fn(am.causal_fn(), rule) if causal else rule
+    allowed = _allowed(full_rule, block_mask, 2, heads, seq_q, seq_k, bq, bk)
+    want = _value_and_vjp(functools.partial(token_reference, allowed=allowed), q, k, v, cot)
+    attend = lambda backend: lambda q, k, v: block_sparse_attention(
+        q, k, v, block_mask, mask_fn=rule, causal=causal, block_q=bq, block_k=bk, backend=backend, interpret=True
+    )
+    xla = _value_and_vjp(attend("xla"), q, k, v, cot)
+    return (q, k, v, cot), attend, want, xla
+
+
+def _assert_close(got, want, atol=2e-5, what=""):
+    (out, grads), (want_out, want_grads) = got, want
+    for name, g, w in zip(["out", "dq", "dk", "dv"], (out,) + tuple(grads), (want_out,) + tuple(want_grads)):
+        assert bool(jnp.isfinite(g).all()), f"{what} {name} has NaN/inf"
+        np.testing.assert_allclose(g, w, atol=atol, rtol=atol, err_msg=f"{what} {name}")
+
+
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_rules_xla_matches_dense_token_reference(case):
+    _, _, want, xla = _rule_case(case)
+    _assert_close(xla, want, what=case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_rules_kernels_match_xla_and_reference(backend, case):
+    """Forward, dq and dk/dv kernels in interpret mode, 3-6 row and column tiles per grid."""
+    args, attend, want, xla = _rule_case(case)
+    got = _value_and_vjp(attend(backend), *args)
+    _assert_close(got, xla, atol=1e-5, what=f"{case} {backend} vs xla")
+    _assert_close(got, want, what=f"{case} {backend} vs reference")
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rule_over_traced_segment_ids_under_jit(backend):
+    """Segment ids passed to jit: the rule closes over a tracer, every visited block is partial,
+    and kernels take the ids as inputs. Also a query whose segment has no key: zeros, zero grads."""
+    q, k, v = _random((2, 2, 64, 16), 20), _random((2, 1, 64, 16), 21), _random((2, 1, 64, 16), 22)
+    seg = _segments(2, 64, 1)
+    kv_seg = np.where(seg == seg[:, :1], -1, seg)  # the first document of each example has no keys
+    mask = am.causal_mask(64, 64, block_q=16, block_k=16)
+
+    @jax.jit
+    def run(q, k, v, seg, kv_seg):
+        attend = lambda q, k, v: block_sparse_attention(
+            q, k, v, mask, mask_fn=am.document_fn(seg, kv_seg), causal=True, block_q=16, block_k=16,
+            backend=backend, interpret=True,
+        )
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(jnp.ones_like(out))
+
+    out, grads = run(q, k, v, seg, kv_seg)
+    allowed = _allowed(am.and_fn(am.document_fn(seg, kv_seg), am.causal_fn()), mask, 2, 2, 64, 64, 16, 16)
+    want = _value_and_vjp(functools.partial(token_reference, allowed=allowed), q, k, v, jnp.ones(q.shape))
+    _assert_close((out, grads), want, what=backend)
+    empty = ~allowed.any(-1)  # [B, H, Sq]
+    assert empty.any() and not np.asarray(out)[empty].any() and not np.asarray(grads[0])[empty].any()
+
+
+def test_rule_bf16_and_full_blocks_without_rule():
+    """bf16 inputs; a rule whose blocks are all full (a wide window) gives plain block attention."""
+    q, k, v = (_random((1, 2, 64, 32), s).astype(jnp.bfloat16) for s in (30, 31, 32))
+    rule = am.and_fn(am.document_fn(np.repeat(np.arange(4), 16)), am.causal_fn())
+    out = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, mask_fn=rule, block_q=16, block_k=16))(q, k, v)
+    assert out.dtype == jnp.bfloat16
+    want = token_reference(q, k, v, _allowed(rule, None, 1, 2, 64, 64, 16, 16))
+    np.testing.assert_allclose(out.astype(jnp.float32), want, atol=3e-2)
+    everything = am.sliding_window_fn(64, 64)
+    assert (am.block_kinds(everything, 64, 64, block_q=16, block_k=16) == FULL).all()
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    np.testing.assert_allclose(block_sparse_attention(q32, k32, v32, mask_fn=everything, block_q=16, block_k=16),
+                               token_reference(q32, k32, v32, True), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_traced_topk_size_under_jit(backend):
+    """A top-k mask with a traced top_k: the XLA path loops over the real pairs only."""
+    q, k, v = _random((1, 2, 64, 16), 40), _random((1, 2, 64, 16), 41), _random((1, 2, 64, 16), 42)
+
+    @jax.jit
+    def run(q, k, v, top_k):
+        mask = am.topk_mask(q, k, top_k, block_q=16, block_k=16, causal=True)
+        out = block_sparse_attention(q, k, v, mask, causal=True, block_q=16, block_k=16, backend=backend, interpret=True, max_blocks=3)
+        return out, mask
+
+    for top_k in (1, 3):
+        out, mask = run(q, k, v, top_k)
+        assert (np.asarray(mask).sum(-1) == np.minimum(top_k, np.arange(1, 5))).all()
+        np.testing.assert_allclose(out, dense_reference(q, k, v, mask, 16, 16, True), atol=2e-5, rtol=2e-5)

@@ -126,3 +126,65 @@ def test_topk_mask_errors():
         am.topk_mask(jnp.ones((3, 64, 8)), k, 1, block_q=16, block_k=16)
     with pytest.raises(ValueError, match="block_k=24"):
         am.topk_mask(q, k, 1, block_q=16, block_k=24)
+
+
+# --- Token-level rules and their block classification.
+
+RULES = {
+    "causal": (lambda: am.causal_fn(), lambda b, i, j: j <= i),
+    "causal_offset": (lambda: am.causal_fn(offset=32), lambda b, i, j: j <= i + 32),
+    "window_left": (lambda: am.sliding_window_fn(9), lambda b, i, j: i - 9 <= j <= i),
+    "window_both": (lambda: am.sliding_window_fn(9, right=4), lambda b, i, j: i - 9 <= j <= i + 4),
+    "global": (lambda: am.global_tokens_fn(3), lambda b, i, j: i < 3 or j < 3),
+    "documents": (lambda: am.document_fn(np.repeat([0, 1, 2], [20, 7, 69])[:96]), lambda b, i, j: (i < 20) == (j < 20) and (20 <= i < 27) == (20 <= j < 27)),
+    "prefix_lm": (lambda: am.prefix_lm_fn(11), lambda b, i, j: j < 11 or j <= i),
+    "prefix_per_example": (lambda: am.prefix_lm_fn(np.array([5, 30])), lambda b, i, j: j < (5, 30)[b] or j <= i),
+    "window_or_global_and_causal": (
+        lambda: am.and_fn(am.or_fn(am.sliding_window_fn(6, 6), am.global_tokens_fn(2)), am.causal_fn()),
+        lambda b, i, j: (abs(i - j) <= 6 or i < 2 or j < 2) and j <= i,
+    ),
+}
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("name", list(RULES))
+def test_rules_and_block_kinds_match_brute_force(name):
+    make, allowed = RULES[name]
+    seq_q, seq_k, bq, bk = 64, 96, 16, 32
+    rule = make()
+    per_example = name == "prefix_per_example"
+    tokens = np.stack([_tokens(seq_q, seq_k, lambda i, j, b=b: allowed(b, i, j)) for b in range(2 if per_example else 1)])
+    got = np.broadcast_to(np.asarray(rule(np.arange(tokens.shape[0])[:, None, None], 0, np.arange(seq_q)[:, None], np.arange(seq_k)[None])), tokens.shape)
+    np.testing.assert_array_equal(got, tokens)
+    blocks = tokens.reshape(-1, seq_q // bq, bq, seq_k // bk, bk)
+    want_kinds = np.where(blocks.all((2, 4)), am.FULL, np.where(blocks.any((2, 4)), am.PARTIAL, am.EMPTY))
+    kinds = am.block_kinds(rule, seq_q, seq_k, block_q=bq, block_k=bk, heads=3, batch=2)
+    assert isinstance(kinds, np.ndarray) and kinds.shape == (2 if per_example else 1, 1, 4, 3)  # dims the rule ignores are 1
+    np.testing.assert_array_equal(kinds[:, 0], want_kinds)
+    mask = am.block_mask_from_fn(rule, seq_q, seq_k, block_q=bq, block_k=bk, heads=3, batch=2 if per_example else None)
+    assert mask.shape == ((2, 3, 4, 3) if per_example else (3, 4, 3)) and mask.dtype == bool
+    np.testing.assert_array_equal(mask[..., 0, :, :] if per_example else mask[0], blocks.any((2, 4)) if per_example else blocks.any((2, 4))[0])
+
+
+def test_block_mask_from_fn_per_head_and_traced():
+    rule = lambda b, h, q, k: k <= q - 16 * h  # head h looks h blocks back at least
+    mask = am.block_mask_from_fn(rule, 64, 64, block_q=16, block_k=16, heads=2)
+    np.testing.assert_array_equal(mask[0], np.tril(np.ones((4, 4), bool)))
+    np.testing.assert_array_equal(mask[1], np.tril(np.ones((4, 4), bool), -1))
+    seg = np.repeat([0, 1], 32)
+    traced = jax.jit(lambda s: am.block_mask_from_fn(am.document_fn(s), 64, 64, block_q=16, block_k=16))(seg)
+    np.testing.assert_array_equal(traced, am.block_mask_from_fn(am.document_fn(seg), 64, 64, block_q=16, block_k=16))
+    with pytest.raises(ValueError, match="broadcast"):
+        am.block_mask_from_fn(lambda b, h, q, k: jnp.ones((3, 5), bool), 64, 64, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match="window"):
+        am.sliding_window_fn(-1)
+    with pytest.raises(ValueError, match="segment_ids"):
+        am.document_fn(np.zeros((1, 2, 3)))
+
+
+def test_topk_mask_traced_k_matches_static_k():
+    rng = np.random.default_rng(2)
+    q, k = rng.normal(size=(4, 64, 8)).astype(np.float32), rng.normal(size=(2, 96, 8)).astype(np.float32)
+    traced = jax.jit(lambda q, k, n: am.topk_mask(q, k, n, block_q=16, block_k=16, causal=True))
+    for top_k in (1, 2, 5):
+        np.testing.assert_array_equal(traced(q, k, top_k), _topk_reference(q, k, top_k, 16, 16, True))

@@ -7,7 +7,8 @@ import pytest
 from jax.test_util import check_grads
 
 from pallas_kernels import BlockSparseMatrix, bsr_matmul, default_bsr_backend
-from pallas_kernels import bsr_matmul_gpu, bsr_matmul_tpu
+from pallas_kernels import bsr_matmul_gpu, bsr_matmul_tpu, bsr_matmul_xla
+from pallas_kernels.bsr_matmul import dense_threshold
 
 # Each path with shapes its tiling takes as they are (TPU: lane dims of 128, Triton: powers of two
 # >= 16) and blocks they zero-pad to their tiles (PADDED; (24, 40) on the GPU too).
@@ -74,9 +75,9 @@ def test_xla_many_rows_and_no_rows():
 @pytest.mark.compat
 def test_xla_path_main_api():
     rng = np.random.default_rng(1)
-    w = random_bsm(rng, 30, 42, (5, 7), 0.5)
+    w = random_bsm(rng, 30, 42, (5, 7), 0.04)
     x = jnp.asarray(rng.standard_normal((4, 30)), jnp.float32)
-    assert default_bsr_backend(w) == "xla"  # tests run on CPU
+    assert default_bsr_backend(w) == "xla"  # tests run on CPU; small blocks, very sparse
     np.testing.assert_allclose(x @ w, x @ w.to_dense(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(jax.jit(bsr_matmul)(x, w), x @ w.to_dense(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(bsr_matmul(x[0], w), x[0] @ w.to_dense(), rtol=1e-5, atol=1e-4)  # a vector
@@ -225,3 +226,52 @@ def test_kernel_block_shapes():
     assert bsr_matmul_gpu.kernel_block_shape((30, 42), (5, 21)) == (16, 32)
     for module in (bsr_matmul_tpu, bsr_matmul_gpu):  # PADDED really is padded on both kernels
         assert module.kernel_block_shape(PADDED[:2], PADDED[2]) != PADDED[2]
+
+
+@pytest.mark.compat
+def test_cpu_default_is_dense_above_the_measured_density():
+    """On CPU the default path multiplies by the densified matrix from ``dense_threshold`` on
+    (never slower than dense), the block loop below; same values and gradients either way, and a
+    traced pattern (``w`` a jit argument) decides at run time."""
+    rng = np.random.default_rng(7)
+    assert dense_threshold((128, 128)) == 0.4 and dense_threshold((64, 64)) == 0.3 and dense_threshold((5, 7)) == 0.05
+    x = jnp.asarray(rng.standard_normal((6, 256)), jnp.float32)
+    for density, want in ((0.9, "dense"), (0.1, "xla")):
+        w = random_bsm(rng, 256, 256, (64, 64), density)
+        assert default_bsr_backend(w) == want
+        loss = lambda x, w: jnp.sum(jnp.sin(bsr_matmul(x, w)))
+        for run in (lambda f: f, jax.jit):
+            dx, dw = run(jax.grad(loss, (0, 1), allow_int=True))(x, w)
+            np.testing.assert_allclose(run(bsr_matmul)(x, w), x @ w.to_dense(), rtol=1e-5, atol=1e-4)
+            ref_dx, ref_dw = jax.grad(lambda x, d: jnp.sum(jnp.sin(x @ d)), (0, 1))(x, w.to_dense())
+            np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(dw.data, w.pattern.take_blocks(ref_dw), rtol=1e-4, atol=1e-4)
+            assert (np.asarray(dw.data)[~np.asarray(w.pattern.valid_slots())] == 0).all()
+    np.testing.assert_allclose(bsr_matmul(x, w, backend="dense"), x @ w.to_dense(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["tpu", "gpu"])
+def test_kernels_with_several_row_and_column_tiles(path):
+    """Each kernel loop run with 3 row tiles (a ragged last one) and several block rows and
+    columns: forward (dsd), input gradient (dsd on transposed blocks) and weight gradient (SDDMM),
+    against the XLA products and dense math."""
+    rng = np.random.default_rng(8)
+    module = bsr_matmul_tpu if path == "tpu" else bsr_matmul_gpu
+    k, n, block_shape = (384, 256, (128, 128)) if path == "tpu" else (96, 64, (32, 16))
+    w = random_bsm(rng, k, n, block_shape, 0.5)
+    x = jnp.asarray(rng.standard_normal((40, k)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((40, n)), jnp.float32)
+    blocks = w.data.reshape(-1, *block_shape)
+    tiles = dict(block_m=16, interpret=True)
+    cols, rows = w.pattern.column_lists(), w.pattern.row_lists()
+    col_lists = (w.pattern.col_rows, w.pattern.col_counts, block_shape)
+    dense = w.to_dense()
+    checks = [
+        (module.dsd_matmul(x, blocks, *cols, **tiles), bsr_matmul_xla.dsd_matmul(x, blocks, *cols), x @ dense),
+        (module.dsd_matmul(dy, blocks, *rows, transpose_blocks=True, **tiles),
+         bsr_matmul_xla.dsd_matmul(dy, blocks, *rows, transpose_blocks=True), dy @ dense.T),
+        (module.sddmm(x, dy, *col_lists, **tiles), bsr_matmul_xla.sddmm(x, dy, *col_lists), w.pattern.take_blocks(x.T @ dy)),
+    ]
+    for name, (got, xla, ref) in zip(["forward", "input gradient", "weight gradient"], checks):
+        np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3, err_msg=name)

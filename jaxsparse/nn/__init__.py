@@ -4,8 +4,10 @@
   whose kernel is stored as its nonzero ``(bk, bn)`` blocks. The block values are the trainable
   ``kernel`` parameter; the block pattern (integer indices) lives outside the parameters, so
   ``jax.grad`` and optax see only floating values.
-* ``jaxsparse.nn.attention.BlockSparseSelfAttention``: a linen self-attention layer computed by
-  ``pallas_kernels.block_sparse_attention`` over the blocks of a block mask.
+* ``jaxsparse.nn.attention.BlockSparseSelfAttention`` (linen) and
+  ``jaxsparse.nn.nnx.BlockSparseSelfAttention``: self-attention computed by
+  ``pallas_kernels.block_sparse_attention`` over the blocks of a block mask (``mask_builder``) and
+  a token-level rule (``mask_fn``).
 * ``to_block_sparse``: turn a dense-trained params tree plus block masks (one boolean per block, as a
   block-structured sparsifier produces) into block-sparse matrices; ``linen.variables_from_dense``
   and ``nnx.BlockSparseDense.from_dense`` build the layers' variables from it.

@@ -4,10 +4,13 @@ Flax is an optional dependency of jaxsparse, so it is imported here only: ``impo
 jaxsparse.nn.attention`` needs flax, ``import jaxsparse`` does not.
 
 The layer is ordinary multi-head (or grouped-query) self-attention whose score matrix is
-restricted to the blocks of a block mask, computed by ``pallas_kernels.block_sparse_attention``
-(flash-style, only nonzero blocks; Dao et al. 2022). The mask is a static pattern from
-``pallas_kernels.attention_masks`` (sliding window + global tokens as in Longformer, Beltagy et
-al. 2020, and BigBird, Zaheer et al. 2020), given per call or built from the sequence length.
+restricted to the blocks of a block mask and, inside them, to a token-level rule, computed by
+``pallas_kernels.block_sparse_attention`` (flash-style, only nonzero blocks; Dao et al. 2022,
+arXiv:2205.14135). The block mask is a pattern from ``pallas_kernels.attention_masks`` (sliding
+window + global tokens as in Longformer, Beltagy et al. 2020, and BigBird, Zaheer et al. 2020),
+given per call or built from the sequence length by ``mask_builder``; the rule (``mask_fn``,
+e.g. ``attention_masks.sliding_window_fn`` or a ``document_fn`` over per-call segment ids) makes
+it token-exact, with blocks the rule fills completely computed without per-token masking.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ __all__ = ["BlockSparseSelfAttention", "local_global_mask"]
 
 
 def local_global_mask(window: int, num_global: int, *, causal: bool = True) -> Callable:
-    """A ``mask_fn`` for ``BlockSparseSelfAttention``: a sliding window of ``window`` tokens plus the
-    first ``num_global`` tokens as global tokens (Longformer / BigBird)."""
+    """A ``mask_builder`` for ``BlockSparseSelfAttention``: the blocks of a sliding window of
+    ``window`` tokens plus the first ``num_global`` tokens as global tokens (Longformer / BigBird).
+    Whole blocks; for the token-exact pattern give ``mask_fn=or_fn(sliding_window_fn(window),
+    global_tokens_fn(num_global))`` as well (``attention_masks``)."""
 
     def mask_fn(seq_len: int, block_q: int, block_k: int):
         blocks = dict(block_q=block_q, block_k=block_k)
@@ -47,8 +52,13 @@ class BlockSparseSelfAttention(nn.Module):
       head_dim: per-head width; default ``features // num_heads``.
       block_q, block_k: block sizes of the mask; the sequence length must be divisible by both.
       causal: cut keys after the query (autoregressive models).
-      mask_fn: ``(seq_len, block_q, block_k) -> block mask`` used when ``__call__`` gets no mask;
-        default all blocks (dense, or causal when ``causal``).
+      mask_fn: token-level rule ``(batch, head, q_index, k_index) -> bool`` applied inside the
+        visited blocks (``pallas_kernels.attention_masks.causal_fn``, ``sliding_window_fn``,
+        ``global_tokens_fn``, ``document_fn``, ``prefix_lm_fn``, ``and_fn``, ``or_fn``); ``__call__``'s
+        ``mask_fn`` overrides it (e.g. a ``document_fn`` over the batch's segment ids).
+      mask_builder: ``(seq_len, block_q, block_k) -> block mask`` used when ``__call__`` gets no
+        block mask (e.g. ``local_global_mask``); default all blocks, from which a ``mask_fn`` keeps
+        only the blocks it allows.
       backend, interpret: passed to ``block_sparse_attention``.
       dtype: computation dtype (default: the input's); param_dtype: parameter dtype.
       kernel_init: initializer of the projections.
@@ -61,6 +71,7 @@ class BlockSparseSelfAttention(nn.Module):
     block_k: int = 128
     causal: bool = False
     mask_fn: Callable | None = None
+    mask_builder: Callable | None = None
     backend: str | None = None
     interpret: Any = False
     dtype: Any = None
@@ -68,8 +79,9 @@ class BlockSparseSelfAttention(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x, block_mask=None):
-        """``x [batch, seq, features] -> [batch, seq, features]``; ``block_mask`` overrides ``mask_fn``."""
+    def __call__(self, x, block_mask=None, mask_fn=None):
+        """``x [batch, seq, features] -> [batch, seq, features]``; ``block_mask`` overrides
+        ``mask_builder`` and ``mask_fn`` the layer's ``mask_fn``."""
         batch, seq, features = x.shape
         kv_heads = self.num_kv_heads or self.num_heads
         head_dim = self.head_dim or features // self.num_heads
@@ -83,13 +95,10 @@ class BlockSparseSelfAttention(nn.Module):
         q = to_heads(dense(self.num_heads, "query")(x))
         k = to_heads(dense(kv_heads, "key")(x))
         v = to_heads(dense(kv_heads, "value")(x))
-        if block_mask is None:
-            if self.mask_fn is not None:
-                block_mask = self.mask_fn(seq, self.block_q, self.block_k)
-            else:
-                block_mask = attention_masks.full_mask(seq, seq, block_q=self.block_q, block_k=self.block_k)
+        if block_mask is None and self.mask_builder is not None:
+            block_mask = self.mask_builder(seq, self.block_q, self.block_k)
         out = block_sparse_attention(
-            q, k, v, block_mask,
+            q, k, v, block_mask, mask_fn=self.mask_fn if mask_fn is None else mask_fn,
             block_q=self.block_q, block_k=self.block_k, causal=self.causal,
             backend=self.backend, interpret=self.interpret,
         )

@@ -4,6 +4,7 @@ The block values are an ``nnx.Param`` (``kernel``, ``[Nb, max_k, bk, bn]``); the
 ``BlockPattern`` variable, not a ``Param``, so ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)``
 only see floating values. ``BlockSparseDense.from_dense`` / ``from_linear`` convert dense-trained
 weights plus a block mask, and ``sparsify_linears`` swaps the masked ``nnx.Linear`` layers of a model.
+``BlockSparseSelfAttention`` is the nnx twin of ``jaxsparse.nn.attention.BlockSparseSelfAttention``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from flax import nnx
 
 from jaxsparse.nn import flax_serialization  # noqa: F401  (registers the block-sparse types)
 from jaxsparse.nn.convert import kernel_to_block_sparse
-from pallas_kernels import BlockSparseMatrix, BlockSparsePattern, bsr_matmul
+from pallas_kernels import BlockSparseMatrix, BlockSparsePattern, block_sparse_attention, bsr_matmul
 
-__all__ = ["BlockSparseDense", "BlockPattern", "sparsify_linears"]
+__all__ = ["BlockSparseDense", "BlockPattern", "BlockSparseSelfAttention", "sparsify_linears"]
 
 
 class BlockPattern(nnx.Variable):
@@ -130,3 +131,55 @@ def sparsify_linears(model: nnx.Module, block_masks, *, block_shape=None, backen
         else:
             setattr(parent, path[-1], layer)
     return model
+
+
+class BlockSparseSelfAttention(nnx.Module):
+    """Self-attention over ``x [batch, seq, in_features]`` restricted to a block mask and a
+    token-level rule, computed by ``pallas_kernels.block_sparse_attention`` (the nnx twin of the
+    linen ``jaxsparse.nn.attention.BlockSparseSelfAttention``, with the same parameters).
+
+    Args:
+      in_features: width of ``x`` (and of the output).
+      num_heads, num_kv_heads: query heads and key/value heads (grouped-query attention; default
+        ``num_heads``).
+      head_dim: per-head width; default ``in_features // num_heads``.
+      block_q, block_k: block sizes; the sequence length must be divisible by both.
+      causal: cut keys after the query.
+      mask_fn: token-level rule ``(batch, head, q_index, k_index) -> bool``
+        (``pallas_kernels.attention_masks``); ``__call__``'s ``mask_fn`` overrides it.
+      mask_builder: ``(seq_len, block_q, block_k) -> block mask`` used when ``__call__`` gets no
+        block mask (e.g. ``jaxsparse.nn.attention.local_global_mask``); default all blocks.
+      backend, interpret: passed to ``block_sparse_attention``.
+      dtype, param_dtype, kernel_init: as for ``nnx.LinearGeneral``.
+      rngs: ``nnx.Rngs``.
+    """
+
+    def __init__(self, in_features: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 block_q: int = 128, block_k: int = 128, causal: bool = False, mask_fn=None, mask_builder=None,
+                 backend: str | None = None, interpret: Any = False, dtype: Any = None, param_dtype: Any = jnp.float32,
+                 kernel_init=nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
+        kv_heads = num_kv_heads or num_heads
+        if num_heads % kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({kv_heads})")
+        head_dim = head_dim or in_features // num_heads
+        layer = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, rngs=rngs)
+        self.query = nnx.LinearGeneral(in_features, (num_heads, head_dim), **layer)
+        self.key = nnx.LinearGeneral(in_features, (kv_heads, head_dim), **layer)
+        self.value = nnx.LinearGeneral(in_features, (kv_heads, head_dim), **layer)
+        self.out = nnx.LinearGeneral((num_heads, head_dim), in_features, axis=(-2, -1), **layer)
+        self.block_q, self.block_k, self.causal = block_q, block_k, causal
+        self.mask_fn, self.mask_builder = mask_fn, mask_builder
+        self.backend, self.interpret = backend, interpret
+
+    def __call__(self, x, block_mask=None, mask_fn=None):
+        """``x [batch, seq, in_features] -> [batch, seq, in_features]``; ``block_mask`` overrides
+        ``mask_builder`` and ``mask_fn`` the layer's ``mask_fn``."""
+        to_heads = lambda t: t.transpose(0, 2, 1, 3)  # [batch, seq, heads, d] -> the kernel's [batch, heads, seq, d]
+        q, k, v = (to_heads(proj(x)) for proj in (self.query, self.key, self.value))
+        if block_mask is None and self.mask_builder is not None:
+            block_mask = self.mask_builder(x.shape[1], self.block_q, self.block_k)
+        out = block_sparse_attention(
+            q, k, v, block_mask, mask_fn=self.mask_fn if mask_fn is None else mask_fn, block_q=self.block_q,
+            block_k=self.block_k, causal=self.causal, backend=self.backend, interpret=self.interpret,
+        )
+        return self.out(to_heads(out))
