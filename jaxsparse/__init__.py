@@ -24,6 +24,7 @@ from jaxsparse.core import (
     sparsifier,
 )
 from jaxsparse.distributions import Distribution, er, erk, uniform
+from jaxsparse.export import BitmaskTensor, NMTensor, compress, decompress, load_compressed, save_compressed
 from jaxsparse.leaves import leaf_paths, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, count_nonzeros, dense_masks, mask_sparsity, masks_from_params
 from jaxsparse.pruning import (
@@ -64,6 +65,8 @@ __all__ = [
     "global_magnitude_pruning", "lamp_pruning", "static_sparse",
     # dynamic sparse training
     "dynamic_sparse", "set_sparse", "rigl", "snfs", "srigl", "topkast",
+    # export: compressed formats and files
+    "compress", "decompress", "save_compressed", "load_compressed", "BitmaskTensor", "NMTensor",
     # reporting
     "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]

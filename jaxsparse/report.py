@@ -13,7 +13,8 @@ import jax
 import numpy as np
 
 from jaxsparse.core import plan_leaves
-from jaxsparse.leaves import path_to_str
+from jaxsparse.export import bitmask_nbytes
+from jaxsparse.leaves import path_to_str, select_leaves
 
 __all__ = ["LeafReport", "SparsityReport", "sparsity_report", "LeafTarget", "SparsityPreview", "preview_sparsity"]
 
@@ -28,13 +29,17 @@ def _table(header, lines, left: int = 2) -> str:
 
 
 class LeafReport(NamedTuple):
-    """One row: a leaf's name, shape, number of nonzero entries, size and sparsity."""
+    """One row: a leaf's name, shape, number of nonzero entries, size and sparsity, and its bytes
+    dense and as :func:`jaxsparse.compress` stores it (bitmask format for the leaves sparsified
+    by default, dense for the others)."""
 
     path: str
     shape: tuple
     nonzeros: int
     size: int
     sparsity: float
+    dense_bytes: int = 0
+    compressed_bytes: int = 0
 
 
 class SparsityReport(NamedTuple):
@@ -52,10 +57,11 @@ class SparsityReport(NamedTuple):
     def __str__(self) -> str:
         shape = lambda r: "" if r is self.total else "x".join(map(str, r.shape)) or "()"
         lines = [
-            (r.path, shape(r), f"{r.nonzeros:,}", f"{r.size:,}", f"{r.sparsity:.2%}")
+            (r.path, shape(r), f"{r.nonzeros:,}", f"{r.size:,}", f"{r.sparsity:.2%}",
+             f"{r.dense_bytes:,} -> {r.compressed_bytes:,}")
             for r in (*self.rows, self.total)
         ]
-        return _table(("path", "shape", "nonzeros", "size", "sparsity"), lines)
+        return _table(("path", "shape", "nonzeros", "size", "sparsity", "bytes dense -> bitmask"), lines)
 
 
 def sparsity_report(params, *, only_sparse: bool = False) -> SparsityReport:
@@ -71,15 +77,19 @@ def sparsity_report(params, *, only_sparse: bool = False) -> SparsityReport:
       ``report.total`` hold the numbers, ``report.as_dict()`` flattens them for logging.
     """
     rows = []
+    compressed = select_leaves(params)  # the leaves js.compress(params) compresses
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not hasattr(x, "shape"):
             continue
-        size = int(np.prod(x.shape))
+        name, size = path_to_str(path), int(np.prod(x.shape))
         nnz = int(np.count_nonzero(np.asarray(jax.device_get(x))))
-        rows.append(LeafReport(path_to_str(path), tuple(x.shape), nnz, size, 1.0 - nnz / size if size else 0.0))
+        dense = size * np.dtype(x.dtype).itemsize
+        packed = bitmask_nbytes(x.shape, nnz, x.dtype) if compressed.get(name, False) else dense
+        rows.append(LeafReport(name, tuple(x.shape), nnz, size, 1.0 - nnz / size if size else 0.0, dense, packed))
     nnz = sum(r.nonzeros for r in rows)
     size = sum(r.size for r in rows)
-    total = LeafReport("total", (), nnz, size, 1.0 - nnz / size if size else 0.0)
+    total = LeafReport("total", (), nnz, size, 1.0 - nnz / size if size else 0.0,
+                       sum(r.dense_bytes for r in rows), sum(r.compressed_bytes for r in rows))
     if only_sparse:
         rows = [r for r in rows if r.nonzeros < r.size]
     return SparsityReport(tuple(rows), total)
