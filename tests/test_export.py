@@ -130,7 +130,7 @@ def test_report_counts_bytes_dense_and_compressed():
 @pytest.mark.compat
 def test_bad_input_names_the_leaf_and_overwrites_nothing(tmp_path):
     params, masks = sparse_params()
-    with pytest.raises(ValueError, match=r"'Dense_0/kernel'.*not 2:4 along axis 0.*keeps 3"):
+    with pytest.raises(ValueError, match=r"'Conv_0/kernel' of shape \(3, 8, 16\) is not 2:4 along axis 1.*first: \[0, 0:4, 5\] keeps 3"):
         js.compress(params, format="nm")
     with pytest.raises(ValueError, match=r"'NM_0/kernel'.*not a multiple of m=8"):
         js.compress({"NM_0": params["NM_0"]}, format="nm", n=2, m=8, axis=-1)
