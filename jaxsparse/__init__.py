@@ -13,6 +13,7 @@ attention) are in ``jaxsparse.nn``, loaded on first use because they need flax.
 import importlib
 
 from jaxsparse import scores
+from jaxsparse.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxsparse.core import (
     LeafPlan,
     SparsifierState,
@@ -44,6 +45,7 @@ from jaxsparse.schedules import (
     one_shot_schedule,
     polynomial_schedule,
 )
+from jaxsparse.sharding import abstract_state, state_shardings
 from jaxsparse.selection import top_k_mask, top_k_masks, top_k_masks_nested, top_k_masks_per_leaf, top_k_per_column
 from jaxsparse.snfs import snfs
 from jaxsparse.srigl import srigl
@@ -67,6 +69,8 @@ __all__ = [
     "dynamic_sparse", "set_sparse", "rigl", "snfs", "srigl", "topkast",
     # export: compressed formats and files
     "compress", "decompress", "save_compressed", "load_compressed", "BitmaskTensor", "NMTensor",
+    # sharding and checkpoints
+    "state_shardings", "abstract_state", "checkpoint_manager", "save_checkpoint", "restore_checkpoint",
     # reporting
     "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]
