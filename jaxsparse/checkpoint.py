@@ -34,7 +34,7 @@ import os
 import jax
 
 from jaxsparse.leaves import path_to_str
-from jaxsparse.sharding import abstract_state
+from jaxsparse.sharding import abstract_state, param_shardings
 
 __all__ = ["checkpoint_manager", "save_checkpoint", "restore_checkpoint"]
 
@@ -128,8 +128,7 @@ def restore_checkpoint(manager, tx, params, *, step: int | None = None, sharding
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         raise ValueError(f"no checkpoint {'' if step is None else f'at step {step} '}in {manager.directory}")
-    if shardings is None:
-        shardings = jax.tree.map(lambda x: x.sharding, params)
+    shardings = param_shardings(params, shardings)
     target_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
     target_state = abstract_state(tx, params, shardings)
     where = f"checkpoint step {step} in {manager.directory}"

@@ -29,7 +29,7 @@ from jaxsparse.core import SparsifierState
 from jaxsparse.leaves import path_to_str
 from jaxsparse.masks import is_none
 
-__all__ = ["state_shardings", "abstract_state", "replicated_like"]
+__all__ = ["state_shardings", "abstract_state", "param_shardings", "replicated_like"]
 
 
 def replicated_like(sharding):
@@ -44,9 +44,17 @@ def replicated_like(sharding):
     )
 
 
-def _param_shardings(params, shardings):
+def param_shardings(params, shardings=None):
+    """Each param's sharding: ``shardings`` if given, else the params' own ``.sharding``, and the
+    default device for a ``jax.ShapeDtypeStruct`` without one."""
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if shardings is None:
-        shardings = jax.tree.map(lambda x: x.sharding, params)
+        shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or default, params)
+    return shardings
+
+
+def _param_shardings(params, shardings):
+    shardings = param_shardings(params, shardings)
     flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
     flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
     if len(flat_params) != len(flat_shardings):
