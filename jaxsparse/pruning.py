@@ -11,6 +11,14 @@ Every preset is :func:`jaxsparse.core` with a pruning topology:
 - :func:`static_sparse`: a random mask drawn at init with the given distribution and never
   changed (the "static" baseline of SET/RigL; Mocanu et al., 2018; Evci et al., 2020).
 
+On a device mesh (:mod:`jaxsparse.sharding`) every preset's masks, moments and scores shard like
+the params. Magnitude, random and saliency pruning select per leaf, global magnitude pruning over
+all pooled leaves at once; both are radix selects whose histograms are scatter-adds XLA
+partitions into per-device partial histograms and an all-reduce (a global selection sums the
+leaves' histograms into one small histogram), so no param leaves its devices. LAMP's score needs
+each weight's rank in its layer and is computed with a sort per leaf, which XLA runs on a
+gathered copy of a sharded leaf (the one preset that gathers; tests/sharded_runs.py lists it).
+
 At an update step with schedule fraction ``f``, a leaf of size ``N`` at target ``s`` keeps
 ``N - floor(f * s * N)`` entries (exactly ``N - floor(s * N)`` once ``f = 1``), chosen among the
 entries it still has, so pruned entries never come back. The counts of every update step are
