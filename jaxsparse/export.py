@@ -23,7 +23,7 @@ sparsified leaf is a compressed record and every other leaf stays a dense array;
 
 Files: :func:`save_compressed` / :func:`load_compressed` write and read a safetensors file
 (tensors named ``"<leaf path>.<field>"``, as compressed-tensors names them, and a metadata header
-``"jaxsparse"`` holding JSON with the format and every leaf's kind, shape and dtype) or an orbax
+``"jaxsparse"`` holding JSON with the formats used and every leaf's kind, shape, dtype and tensors) or an orbax
 checkpoint directory (the same tensors with the same header as a JSON item). Loading checks every
 tensor against the header and raises a ValueError naming the leaf and what differs; saving writes
 to a temporary name and renames, so a failed save leaves an existing file as it was.
@@ -346,7 +346,8 @@ def _flatten(compressed) -> tuple[dict, dict]:
                         "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in arrays.items()}, **static}
         for field, v in arrays.items():
             tensors[f"{name}.{field}"] = v
-    return tensors, {"version": _VERSION, "leaves": leaves}
+    formats = sorted({info["kind"] for info in leaves.values()} - {"dense"})
+    return tensors, {"version": _VERSION, "formats": formats, "leaves": leaves}
 
 
 def _unflatten(tensors: dict, header: dict, source: str):

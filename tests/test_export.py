@@ -113,7 +113,7 @@ def test_files_round_trip(fmt, backend, tmp_path):
 
         with safe_open(path, framework="numpy") as f:
             header = json.loads(f.metadata()["jaxsparse"])
-        assert header["leaves"]["NM_0/kernel"]["kind"] == fmt and header["leaves"]["NM_0/kernel"]["shape"] == [32, 24]
+        assert header["formats"] == [fmt] and header["leaves"]["NM_0/kernel"]["kind"] == fmt and header["leaves"]["NM_0/kernel"]["shape"] == [32, 24]
 
 
 def test_report_counts_bytes_dense_and_compressed():
