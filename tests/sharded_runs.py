@@ -31,10 +31,9 @@ SAVE_AFTER = 4  # mid-schedule: the presets' schedules run to step 8
 # Presets whose update still sorts each leaf (an all-gather of it): LAMP's score needs each
 # weight's rank in its layer. Listed so the check stays on for every other preset.
 SORTS_PER_LEAF = {"lamp"}
-# Presets also run under shard_map (a compile each: the test's CPU budget allows three): one with
-# gradient-based regrowth, one with per-leaf statistics redistributed across layers, one with
-# shadow weights in its state.
-SHARD_MAP = {"rigl", "snfs", "topkast"}
+# Presets also run under shard_map (data parallel): all of them (a list, to trim if the test's CPU
+# budget gets tight).
+SHARD_MAP = set(PRESETS)
 SPECS = {
     "Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
     "Dense_1": {"kernel": P("model", "data"), "bias": P()},
