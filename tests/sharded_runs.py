@@ -28,9 +28,6 @@ from presets import PRESETS
 
 STEPS = 8
 SAVE_AFTER = 4  # mid-schedule: the presets' schedules run to step 8
-# Presets whose update still sorts each leaf (an all-gather of it): LAMP's score needs each
-# weight's rank in its layer. Listed so the check stays on for every other preset.
-SORTS_PER_LEAF = {"lamp"}
 # Presets also run under shard_map (data parallel): all of them (a list, to trim if the test's CPU
 # budget gets tight).
 SHARD_MAP = set(PRESETS)
@@ -117,7 +114,7 @@ def train(name, mesh, directory):
     # (histogram scatter-adds and reductions partition into partial results and an all-reduce).
     compiled = step_fn.lower(params, state, *jax.device_put(batch(0), data)).compile()
     gathered = full_gathers(compiled.as_text(), [x.shape for x in jax.tree.leaves(params)])
-    assert not gathered or name in SORTS_PER_LEAF, f"{name}: the step all-gathers whole params:\n" + "\n".join(gathered[:4])
+    assert not gathered, f"{name}: the step all-gathers whole params:\n" + "\n".join(gathered[:4])
     for t in range(STEPS):
         x, y = jax.device_put(batch(t), data)
         params, state = compiled(params, state, x, y)
