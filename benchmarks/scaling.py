@@ -16,6 +16,7 @@ Prints each time, its ratio to the plain step, and the topology update's extra t
 weights (constant across sizes: the update's cost is linear in size).
 
     python benchmarks/scaling.py [--sizes 1 10 100] [--reps 5] [--batch 128]
+    python benchmarks/scaling.py --lamp   # LAMP's selection by histograms against a sort per leaf
 """
 
 from __future__ import annotations
@@ -85,12 +86,43 @@ def measure(millions: int, reps: int, batch: int, names):
     return n, best
 
 
+def lamp_selection(reps: int):
+    """LAMP's global selection at 30% kept on four 2048x2048 leaves: by layer counts from
+    histograms (``lamp_budgets``, what ``lamp_pruning`` runs) against selecting on the scores of
+    ``js.scores.lamp`` (a sort per leaf), and global magnitude selection for scale."""
+    from jaxsparse.pruning import lamp_budgets
+    from jaxsparse.selection import select_top_k, top_k_masks
+
+    ws = [jax.random.normal(jax.random.PRNGKey(i), (2048, 2048)) * (0.5 + i) for i in range(4)]
+    ms = [jnp.ones(w.shape, bool) for w in ws]
+    k = int(0.3 * sum(w.size for w in ws))
+    runs = {
+        "lamp, histograms": jax.jit(lambda ws, ms: select_top_k([jnp.abs(w) for w in ws], lamp_budgets(ws, ms, k), [0, 1, 2, 3], where=ms)),
+        "lamp, sorted scores": jax.jit(lambda ws, ms: select_top_k([js.scores.lamp(w, None, None) for w in ws], jnp.array([k]), [0] * 4, where=ms)),
+        "global magnitude": jax.jit(lambda ws, ms: top_k_masks([jnp.abs(w) for w in ws], k, where=ms)),
+    }
+    masks = {name: jax.block_until_ready(fn(ws, ms)) for name, fn in runs.items()}
+    differ = sum(int((a != b).sum()) for a, b in zip(masks["lamp, histograms"], masks["lamp, sorted scores"]))
+    best = {name: math.inf for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(ws, ms))
+            best[name] = min(best[name], time.perf_counter() - start)
+    print(f"LAMP selection, 4 x 2048x2048, keep 30% (masks differing between the two LAMP rows: {differ})")
+    for name, seconds in best.items():
+        print(f"{name:>20} {seconds * 1e3:>9.0f} ms")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="millions of weights")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lamp", action="store_true", help="time LAMP's selection instead")
     args = parser.parse_args()
+    if args.lamp:
+        return lamp_selection(args.reps)
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, MLP of {LAYERS} square layers, batch {args.batch}, "
           f"adam, 90% sparsity, min of {args.reps} reps")
     print(f"{'weights':>12} {'variant':>17} {'step ms':>9} {'x plain':>8} {'update ms / M weights':>22}")
