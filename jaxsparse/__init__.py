@@ -14,6 +14,7 @@ attention) are in ``jaxsparse.nn``, loaded on first use because they need flax.
 import importlib
 
 from jaxsparse import scores
+from jaxsparse.checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from jaxsparse.core import (
     LeafPlan,
     SparsifierState,
@@ -26,6 +27,7 @@ from jaxsparse.core import (
     sparsifier,
 )
 from jaxsparse.distributions import Distribution, er, erk, uniform
+from jaxsparse.export import BitmaskTensor, NMTensor, compress, decompress, load_compressed, save_compressed
 from jaxsparse.leaves import leaf_paths, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, count_nonzeros, dense_masks, mask_sparsity, masks_from_params
 from jaxsparse.pruning import (
@@ -45,6 +47,7 @@ from jaxsparse.schedules import (
     one_shot_schedule,
     polynomial_schedule,
 )
+from jaxsparse.sharding import abstract_state, state_shardings
 from jaxsparse.selection import top_k_mask, top_k_masks, top_k_masks_nested, top_k_masks_per_leaf, top_k_per_column
 from jaxsparse.snfs import snfs
 from jaxsparse.srigl import srigl
@@ -76,6 +79,10 @@ __all__ = [
     # gradient annealing and the straight-through family
     "ste", "sr_ste", "st3", "autosparse", "autosparse_alpha", "mdgf", "sdgf", "sdgf_stages",
     "sigmoid_cosine_decay", "mask_decay", "get_shadow",
+    # export: compressed formats and files
+    "compress", "decompress", "save_compressed", "load_compressed", "BitmaskTensor", "NMTensor",
+    # sharding and checkpoints
+    "state_shardings", "abstract_state", "checkpoint_manager", "save_checkpoint", "restore_checkpoint",
     # reporting
     "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]

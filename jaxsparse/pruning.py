@@ -11,6 +11,14 @@ Every preset is :func:`jaxsparse.core` with a pruning topology:
 - :func:`static_sparse`: a random mask drawn at init with the given distribution and never
   changed (the "static" baseline of SET/RigL; Mocanu et al., 2018; Evci et al., 2020).
 
+On a device mesh (:mod:`jaxsparse.sharding`) every preset's masks, moments and scores shard like
+the params. Magnitude, random and saliency pruning select per leaf, global magnitude pruning over
+all pooled leaves at once; both are radix selects whose histograms are scatter-adds XLA
+partitions into per-device partial histograms and an all-reduce (a global selection sums the
+leaves' histograms into one small histogram), so no param leaves its devices. LAMP finds each
+layer's count from two histograms of ``w**2`` (counts and sums, :func:`lamp_budgets`) instead of
+sorting each layer (a sort would gather a sharded leaf), then selects per layer by magnitude.
+
 At an update step with schedule fraction ``f``, a leaf of size ``N`` at target ``s`` keeps
 ``N - floor(f * s * N)`` entries (exactly ``N - floor(s * N)`` once ``f = 1``), chosen among the
 entries it still has, so pruned entries never come back. The counts of every update step are
@@ -25,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jaxsparse import counts
 from jaxsparse import scores as score_fns
@@ -72,6 +81,103 @@ def leaf_keep_table(leaf, fractions) -> list[int]:
     return [cells * (quota if f >= 1.0 else max(k, quota)) for k, f in zip(table, fractions)]
 
 
+_BIN_BITS = 16  # LAMP's value histograms: the top 16 bits of w**2, then the low 16 bits of one bin
+
+
+def _value_bins(b):
+    """The smallest non-negative float32 of each top-16-bit key bin ``b`` (int32 array)."""
+    return lax.bitcast_convert_type((b.astype(jnp.uint32) << _BIN_BITS), jnp.float32)
+
+
+def lamp_budgets(params, masks, k) -> jax.Array:
+    """Per leaf, how many active weights global LAMP selection keeps (Lee et al., 2021), without
+    sorting: ``int32[len(params)]`` summing to ``min(k, active)``.
+
+    With ``x = w**2``, a weight's LAMP score is ``x / S(x)``, ``S(x)`` the sum of the layer's
+    ``x`` that are at least as large (equal weights share the score of their group, the lowest the
+    paper's stable sort gives them); it increases with ``x`` within a layer, so each layer keeps its
+    largest weights, and only the per-layer counts are to be found: the layers' counts at the k-th
+    largest score ``s``. Two histograms of ``x``'s float bits, both scatter-adds XLA partitions
+    into per-device partial histograms and an all-reduce (no leaf is gathered, unlike a sort):
+
+    1. counts and sums per top-16-bit bin, once. A weight of bin ``b`` scores in
+       ``[lo_b / S_b, lo_{b+1} / S_{b+1})`` (``lo`` the bin's smallest value, ``S_b`` the sum of
+       the bins from ``b`` up): bins above the one holding ``tau`` are kept, bins below are not;
+    2. counts and sums per exact value (low 16 bits) of that one bin per layer, for a ``tau``:
+       exact scores there, so the exact number of weights scoring at least ``tau``.
+
+    ``s`` is found by bisection on ``tau``'s float bits (30 steps on ``[0, 1]``); a step costs a
+    pass (2.) only while bins (1.) cannot decide it. Weights tied at ``s`` (equal scores in
+    several layers) are kept in leaf order. Counts are int32: the pooled leaves hold fewer than
+    2**31 weights.
+    """
+    n, bins = len(params), 1 << _BIN_BITS
+    xs = [jnp.where(jnp.isnan(w), 0.0, jnp.square(w.astype(jnp.float32))) for w in params]  # NaN lowest
+    keys = [lax.bitcast_convert_type(x, jnp.uint32) for x in xs]
+    spare = n * bins  # inactive entries are counted in a spare bin and dropped
+
+    def histograms(digits, include):
+        count = jnp.zeros(spare + 1, jnp.int32)
+        total = jnp.zeros(spare + 1, jnp.float32)
+        for i, (d, x, ok) in enumerate(zip(digits, xs, include)):
+            index = jnp.where(ok, d.astype(jnp.int32) + i * bins, spare)  # no reshape: that would gather
+            count = count.at[index].add(1)
+            total = total.at[index].add(x)
+        return count[:spare].reshape(n, bins), total[:spare].reshape(n, bins)
+
+    def suffix(x):  # sums over this bin and every one above, with a zero column past the top
+        return jnp.concatenate([jnp.cumsum(x[:, ::-1], axis=1)[:, ::-1], jnp.zeros((n, 1), x.dtype)], axis=1)
+
+    count1, sum1 = histograms([u >> _BIN_BITS for u in keys], masks)
+    at_least, sum_at_least = suffix(count1), suffix(sum1)  # (n, bins + 1)
+    lo = _value_bins(jnp.arange(bins, dtype=jnp.int32))
+    lo = jnp.where(jnp.isfinite(lo), lo, jnp.inf)
+    floor = jnp.where(sum_at_least[:, :bins] > 0, lo / jnp.where(sum_at_least[:, :bins] > 0, sum_at_least[:, :bins], 1.0), jnp.inf)
+    k = jnp.minimum(jnp.asarray(k, jnp.int32), at_least[:, 0].sum())
+    rows = jnp.arange(n)
+
+    def open_bins(tau):
+        """Per layer, the bin whose weights may score on either side of ``tau``."""
+        # floor increases over the non-empty bins (lo_b grows, S_b shrinks); -1: every bin scores above
+        # tau. Empty bins are skipped: with denormals flushed to zero, bins 1..127 share floor 0.
+        candidates = jnp.where((count1 > 0) & (floor <= tau), jnp.arange(bins, dtype=jnp.int32), -1)
+        return jnp.max(candidates, axis=1)
+
+    def exact_scores(b):
+        """Counts and exact scores of the distinct values of bin ``b[l]`` of each layer."""
+        count2, sum2 = histograms([u & jnp.uint32(bins - 1) for u in keys],
+                                  [m & ((u >> _BIN_BITS).astype(jnp.int32) == b[i]) for i, (u, m) in enumerate(zip(keys, masks))])
+        value = lax.bitcast_convert_type((b[:, None].astype(jnp.uint32) << _BIN_BITS) | jnp.arange(bins, dtype=jnp.uint32), jnp.float32)
+        tail = sum_at_least[rows, b + 1][:, None] + suffix(sum2)[:, :bins]
+        return count2, jnp.where(tail > 0, value / jnp.where(tail > 0, tail, 1.0), 0.0)
+
+    def kept(tau):  # exact number of weights scoring >= tau, per layer
+        b = open_bins(tau)
+        count2, score = exact_scores(b)
+        return at_least[rows, b + 1] + jnp.sum(jnp.where(score >= tau, count2, 0), axis=1)
+
+    def enough(tau):  # whether at least k weights score >= tau; a pass only if the bins cannot tell
+        b = open_bins(tau)
+        sure, maybe = at_least[rows, b + 1].sum(), at_least[rows, jnp.maximum(b, 0)].sum()
+        return lax.cond((sure >= k) | (maybe < k), lambda: sure >= k, lambda: kept(tau).sum() >= k)
+
+    def bisect(i, lo_hi):  # the largest float tau in [0, 1] with enough(tau): the k-th largest score
+        lo_bits, hi_bits = lo_hi
+        mid = lo_bits + (hi_bits - lo_bits + 1) // 2
+        ok = enough(lax.bitcast_convert_type(mid, jnp.float32))
+        return jnp.where(ok, mid, lo_bits), jnp.where(ok, hi_bits, mid - 1)
+
+    one = lax.bitcast_convert_type(jnp.float32(1.0), jnp.uint32)
+    s_bits, _ = lax.fori_loop(0, 31, bisect, (jnp.uint32(0), one))
+    s = lax.bitcast_convert_type(s_bits, jnp.float32)
+    b = open_bins(s)
+    count2, score = exact_scores(b)
+    above = at_least[rows, b + 1] + jnp.sum(jnp.where(score > s, count2, 0), axis=1)
+    tied = jnp.sum(jnp.where(score == s, count2, 0), axis=1)
+    before = jnp.cumsum(tied) - tied  # ties at s go to the earlier leaves first
+    return above + jnp.clip(k - above.sum() - before, 0, tied)
+
+
 def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, global_sparsity):
     """Topology that prunes active entries by ``score`` to the scheduled budget.
 
@@ -109,6 +215,21 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
         # Only active entries are eligible, so a pruned entry never comes back; with gradient
         # annealing at alpha > 0 every entry is (params are then the dense shadow weights).
         eligible = inputs.masks if inputs.alpha is None else [m | (inputs.alpha > 0) for m in inputs.masks]
+        unstructured = all(inputs.plan[i].layout.is_unstructured for i in pooled)
+        if score is score_fns.lamp and pooled and unstructured and sum(inputs.plan[i].size for i in pooled) < 2**31:
+            # LAMP keeps each layer's largest weights: find the layers' counts (partitioned
+            # histograms, no sort), then select per layer by magnitude
+            pooled_ks = lamp_budgets([inputs.params[i] for i in pooled], [eligible[i] for i in pooled],
+                                     counts.to_int32(budgets[0]))
+            ks = [None] * len(inputs.plan)
+            for j, i in enumerate(pooled):
+                ks[i] = pooled_ks[j]
+            for i in range(len(inputs.plan)):
+                if i not in pooled:
+                    ks[i] = budgets[group_of[i]]
+            magnitudes = score_fns.per_leaf(score_fns.magnitude, inputs.params, None, inputs.key)
+            return select_top_k(layouts, magnitudes, jnp.stack([jnp.reshape(k, ()) for k in ks]),
+                                list(range(len(ks))), where=eligible), inputs.aux
         scores = score_fns.per_leaf(score, inputs.params, inputs.grads, inputs.key)
         new = select_top_k(layouts, scores, counts.stack(budgets), group_of, where=eligible)
         return new, inputs.aux
@@ -278,6 +399,13 @@ def lamp_pruning(
 ):
     """LAMP: global selection on layer-adaptive magnitude scores (Lee et al., 2021, ICLR).
     See :func:`jaxsparse.scores.lamp` and :func:`pruning`.
+
+    The selection does not compute every score: LAMP's score grows with ``|w|`` within a layer,
+    so :func:`lamp_budgets` finds how many weights each layer keeps at the global threshold from
+    partitioned histograms (no sort, nothing gathered on a mesh; about one histogram pass per
+    bisection step that the coarse histogram cannot decide), then each layer keeps its largest
+    weights. Equal weights of a layer share one score (the lowest the paper's stable sort gives
+    them); leaves of more than 2**31 weights in all are scored by :func:`jaxsparse.scores.lamp`.
 
     Example::
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxsparse.core import plan_leaves
+from jaxsparse.export import bitmask_nbytes
 from jaxsparse.leaves import path_to_str, select_leaves
 from jaxsparse.structures import structures_by_leaf
 
@@ -30,15 +31,18 @@ def _table(header, lines, left: int = 2) -> str:
 
 
 class LeafReport(NamedTuple):
-    """One row: a leaf's name, shape, number of nonzero entries, size and sparsity; with a
-    structure, its name (``""``: none given) and whether the leaf's nonzeros comply with it
-    (None: the structure cannot tile the leaf)."""
+    """One row: a leaf's name, shape, number of nonzero entries, size and sparsity; its bytes
+    dense and as :func:`jaxsparse.compress` stores it (bitmask format for the leaves sparsified
+    by default, dense for the others); with a structure, its name (``""``: none given) and
+    whether the leaf's nonzeros comply with it (None: the structure cannot tile the leaf)."""
 
     path: str
     shape: tuple
     nonzeros: int
     size: int
     sparsity: float
+    dense_bytes: int = 0
+    compressed_bytes: int = 0
     structure: str = ""
     complies: bool | None = None
 
@@ -59,10 +63,11 @@ class SparsityReport(NamedTuple):
     def __str__(self) -> str:
         shape = lambda r: "" if r is self.total else "x".join(map(str, r.shape)) or "()"
         lines = [
-            (r.path, shape(r), f"{r.nonzeros:,}", f"{r.size:,}", f"{r.sparsity:.2%}")
+            (r.path, shape(r), f"{r.nonzeros:,}", f"{r.size:,}", f"{r.sparsity:.2%}",
+             f"{r.dense_bytes:,} -> {r.compressed_bytes:,}")
             for r in (*self.rows, self.total)
         ]
-        header = ("path", "shape", "nonzeros", "size", "sparsity")
+        header = ("path", "shape", "nonzeros", "size", "sparsity", "bytes dense -> bitmask")
         if any(r.structure for r in self.rows):
             verdict = {True: "yes", False: "NO", None: "untileable"}
             lines = [
@@ -97,13 +102,16 @@ def sparsity_report(params, *, only_sparse: bool = False, structure=None, includ
         chosen = select_leaves(params, include, exclude)
         layouts = structures_by_leaf([n for n, ok in chosen.items() if ok], structure)
     rows = []
+    compressed = select_leaves(params)  # the leaves js.compress(params) compresses
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not hasattr(x, "shape"):
             continue
         name, size = path_to_str(path), int(np.prod(x.shape))
         nonzero = np.asarray(jax.device_get(x)) != 0
         nnz = int(np.count_nonzero(nonzero))
-        row = LeafReport(name, tuple(x.shape), nnz, size, 1.0 - nnz / size if size else 0.0)
+        dense = size * np.dtype(x.dtype).itemsize
+        packed = bitmask_nbytes(x.shape, nnz, x.dtype) if compressed.get(name, False) else dense
+        row = LeafReport(name, tuple(x.shape), nnz, size, 1.0 - nnz / size if size else 0.0, dense, packed)
         layout = layouts.get(name)
         if layout is not None and not layout.is_unstructured:
             complies = bool(layout.complies(nonzero)) if layout.tileable(x.shape) else None
@@ -111,7 +119,8 @@ def sparsity_report(params, *, only_sparse: bool = False, structure=None, includ
         rows.append(row)
     nnz = sum(r.nonzeros for r in rows)
     size = sum(r.size for r in rows)
-    total = LeafReport("total", (), nnz, size, 1.0 - nnz / size if size else 0.0)
+    total = LeafReport("total", (), nnz, size, 1.0 - nnz / size if size else 0.0,
+                       sum(r.dense_bytes for r in rows), sum(r.compressed_bytes for r in rows))
     if only_sparse:
         rows = [r for r in rows if r.nonzeros < r.size]
     return SparsityReport(tuple(rows), total)

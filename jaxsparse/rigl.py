@@ -170,6 +170,9 @@ def set_sparse(
     forever); ``drop_fraction_anneal="cosine"`` gives the SET baseline of Evci et al. (2020),
     whose fraction decays as RigL's. See :func:`dynamic_sparse` for the arguments.
 
+    On a device mesh (:mod:`jaxsparse.sharding`): as RigL: per-leaf radix selects through partitioned
+    histograms; the random growth scores are an elementwise position hash, sharded like the leaf.
+
     Example::
 
         tx = js.set_sparse(optax.sgd(0.05, momentum=0.9), sparsity=0.9, update_every=500)
@@ -215,6 +218,11 @@ def rigl(
     A float ``sparsity`` is spread with ERK (:func:`jaxsparse.erk`), the distribution of the
     paper's main results; pass ``jaxsparse.uniform(s)`` for the same sparsity in every leaf.
     See :func:`dynamic_sparse` for the arguments.
+
+    On a device mesh (:mod:`jaxsparse.sharding`): the state shards like params; each leaf's drop and grow
+    selections are radix selects whose histograms are scatter-adds XLA partitions into per-device
+    partial histograms and an all-reduce, and the masks come from elementwise compares, so no
+    param, gradient or score leaves its devices.
 
     Example::
 

@@ -91,7 +91,9 @@ def lamp(param, grad, key):
     sparsities automatically. The largest weight of every layer scores 1, so no layer is emptied.
 
     Unlike the other scores, LAMP needs each weight's rank within its layer, i.e. one sort per
-    leaf; it runs only on topology-update steps. Ties are ordered by flat index.
+    leaf; it runs only on topology-update steps. Ties are ordered by flat index. (For selection,
+    :func:`jaxsparse.lamp_pruning` needs only each layer's count, which it finds from histograms
+    without sorting: :func:`jaxsparse.pruning.lamp_budgets`.)
     """
     del grad, key
     w2 = jnp.square(param.astype(jnp.float32)).reshape(-1)

@@ -147,6 +147,11 @@ def snfs(
     positions with the largest momentum (see the module docstring). The total number of nonzeros
     is exactly constant; per-leaf counts follow the redistribution.
 
+    On a device mesh (:mod:`jaxsparse.sharding`): the prune and grow selections are per-leaf radix selects
+    through partitioned histograms; the redistribution needs only each leaf's mean momentum
+    magnitude over its active weights, a reduction (per-device partial sums and an all-reduce)
+    into one number per leaf, and the allocation runs on those few replicated numbers.
+
     Example::
 
         tx = js.snfs(optax.sgd(0.1, momentum=0.9), sparsity=0.9, update_every=1000, end_step=100_000)

@@ -152,6 +152,10 @@ def srigl(
     paper); each leaf keeps ``floor(budget / n_out)`` nonzeros per output neuron (one per neuron
     on ``budget`` neurons when the budget is below ``n_out``), never more than its budget.
 
+    On a device mesh (:mod:`jaxsparse.sharding`): the per-neuron selections (:func:`jaxsparse.top_k_per_column`)
+    are compare-and-count passes whose counts are reductions over each column (partial counts and
+    an all-reduce), the saliency for neuron ablation a column reduction too; nothing is gathered.
+
     Example::
 
         tx = js.srigl(optax.adam(1e-3), sparsity=0.9, update_every=100, end_step=30_000)

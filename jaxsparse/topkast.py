@@ -155,6 +155,10 @@ def topkast(
     magnitude in each leaf; gradients update the shadow weights on the larger top
     ``1 - backward_sparsity`` fraction (see the module docstring).
 
+    On a device mesh (:mod:`jaxsparse.sharding`): the dense shadow weights and backward masks
+    in the state take their param's sharding; the forward and backward sets are nested radix
+    selects per leaf through partitioned histograms.
+
     Example (the paper's 90% forward / 80% backward setting)::
 
         tx = js.topkast(optax.adam(1e-3), sparsity=0.9, backward_sparsity=0.8, update_every=1)

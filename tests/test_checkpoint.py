@@ -2,6 +2,7 @@
 continue bit for bit."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -39,3 +40,71 @@ def test_readme_recipe_resumes_bit_for_bit(make, tmp_path):
         p, s = step(p, s, *batch(t))
     for a, b in zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves((p, s))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _saved(tmp_path, tx, steps=3):
+    step = make_step(tx)
+    params, opt_state = js.init(tx, mlp_params())
+    for t in range(steps):
+        params, opt_state = step(params, opt_state, *batch(t))
+    manager = js.checkpoint_manager(tmp_path / "run")
+    js.save_checkpoint(manager, steps, params, opt_state)
+    return manager, params, opt_state, step
+
+
+@pytest.mark.compat
+def test_helpers_restore_typed_keys_bool_masks_and_continue(tmp_path):
+    # a typed PRNG key in the inner state (add_noise) and the sparsifier's raw key both survive
+    tx = js.rigl(optax.chain(optax.add_noise(0.01, 0.55, seed=3), optax.adam(1e-2)), sparsity=js.uniform(0.75),
+                 update_every=2, end_step=10, seed=jax.random.key(1))
+    manager, params, opt_state, step = _saved(tmp_path, tx)
+    p, s = js.restore_checkpoint(manager, tx, jax.eval_shape(mlp_params))
+    noise_key = s.inner_state[0].rng_key
+    assert jax.dtypes.issubdtype(noise_key.dtype, jax.dtypes.prng_key)
+    assert s.key.dtype == np.uint32 and all(m.dtype == bool for m in jax.tree.leaves(js.get_masks(s)))
+    for a, b in zip(jax.tree.leaves((params, opt_state)), jax.tree.leaves((p, s))):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for t in range(3, 6):
+        params, opt_state = step(params, opt_state, *batch(t))
+        p, s = step(p, s, *batch(t))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_of_other_params_or_another_method_names_what_differs(tmp_path):
+    tx = js.rigl(optax.adam(1e-2), sparsity=js.uniform(0.75), update_every=2, end_step=10)
+    manager, *_ = _saved(tmp_path, tx)
+    other = {**jax.eval_shape(mlp_params), "Dense_2": {"kernel": jax.ShapeDtypeStruct((3, 4), np.float32)}}
+    with pytest.raises(ValueError, match=r"(?s)step 3.*params leaves the target has and the checkpoint lacks: \['Dense_2/kernel'\]"):
+        js.restore_checkpoint(manager, tx, other)
+    wider = jax.eval_shape(lambda: mlp_params(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"params leaf 'Dense_0/bias': checkpoint float32\[16\], target bfloat16\[16\]"):
+        js.restore_checkpoint(manager, tx, wider)
+    topkast = js.topkast(optax.adam(1e-2), sparsity=0.75, update_every=2)
+    with pytest.raises(ValueError, match=r"opt_state leaves the target has and the checkpoint lacks: \['aux/shadow/0'"):
+        js.restore_checkpoint(manager, topkast, jax.eval_shape(mlp_params))
+    sgd = js.rigl(optax.sgd(1e-2, momentum=0.9), sparsity=js.uniform(0.75), update_every=2, end_step=10)
+    with pytest.raises(ValueError, match=r"opt_state leaves the target has and the checkpoint lacks: \['inner_state/0/trace"):
+        js.restore_checkpoint(manager, sgd, jax.eval_shape(mlp_params))
+
+
+def test_a_corrupted_or_truncated_checkpoint_fails_and_nothing_is_overwritten(tmp_path):
+    tx = js.rigl(optax.adam(1e-2), sparsity=js.uniform(0.75), update_every=2, end_step=10)
+    manager, params, opt_state, _ = _saved(tmp_path, tx)
+    step_dir = tmp_path / "run" / "3"
+    files = {p: p.read_bytes() for p in step_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"step 3 is already saved.*not overwritten"):
+        js.save_checkpoint(manager, 3, params, opt_state)
+    assert {p: p.read_bytes() for p in files} == files
+    for path in (step_dir / "opt_state").rglob("*"):  # truncate the state's data files
+        if path.is_file() and "/d/" in str(path):
+            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint step 3 in .* cannot be read"):
+        js.restore_checkpoint(manager, tx, jax.eval_shape(mlp_params))
+    (step_dir / "jaxsparse" / "metadata").write_text("{not json")
+    with pytest.raises(ValueError, match=r"checkpoint step 3 in .* cannot be read"):
+        js.restore_checkpoint(manager, tx, jax.eval_shape(mlp_params))
+    with pytest.raises(ValueError, match=r"no checkpoint at step 7"):
+        js.restore_checkpoint(manager, tx, jax.eval_shape(mlp_params), step=7)

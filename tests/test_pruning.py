@@ -194,3 +194,34 @@ def test_pooled_budget_is_exact_at_2_40_weights():
     # Intermediate schedule points: exact host arithmetic, never beyond the final budget.
     assert keep_table(size, 0.9, [0.5]) == [size - math.floor(0.5 * 0.9 * size)]
     assert keep_table(size, 0.9, [0.99999999])[0] >= final
+
+
+def lamp_counts_reference(ws, ms, k):
+    """Per layer, (weights scoring above the k-th largest LAMP score, weights scoring equal to it),
+    equal weights of a layer sharing their group's score, in float64."""
+    scores = []
+    for w, m in zip(ws, ms):
+        x = np.asarray(w, np.float64).ravel() ** 2
+        x = x[np.asarray(m).ravel()]
+        tail = np.array([x[x >= v].sum() for v in x])
+        scores.append(np.where(tail > 0, x / np.where(tail > 0, tail, 1), 0))
+    threshold = np.sort(np.concatenate(scores))[::-1][k - 1] if k > 0 else np.inf
+    return [int((s > threshold).sum()) for s in scores], [int((s == threshold).sum()) for s in scores]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_lamp_budgets_without_sorting_match_the_scores(ties):
+    from jaxsparse.pruning import lamp_budgets
+
+    rng = np.random.default_rng(ties)
+    ws = [rng.standard_normal(shape).astype(np.float32) * scale for shape, scale in [((30, 20), 1.0), ((20, 10), 0.3), ((50,), 2.0)]]
+    if ties:  # repeated values, zeros, and a layer of equal weights
+        ws[0], ws[2] = np.round(ws[0] * 4) / 4, np.full((50,), 0.5, np.float32)
+    ms = [rng.random(w.shape) < 0.8 for w in ws]
+    active = sum(int(m.sum()) for m in ms)
+    budgets = jax.jit(lamp_budgets)
+    for k in [0, 1, 7, active // 3, active - 1, active, active + 5]:
+        got = np.asarray(budgets([jnp.asarray(w) for w in ws], [jnp.asarray(m) for m in ms], k))
+        above, tied = lamp_counts_reference(ws, ms, min(k, active))
+        assert got.sum() == min(k, active), k
+        assert all(a <= g <= a + t for g, a, t in zip(got, above, tied)), (k, got, above, tied)
