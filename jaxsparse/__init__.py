@@ -6,7 +6,8 @@ params exactly sparse inside an ordinary jit-compiled training loop. See DESIGN.
 Where things are: the core transformation in ``core``; shared machinery in ``masks``, ``leaves``,
 ``selection``, ``scores``, ``distributions``, ``schedules`` and ``dst`` (dynamic sparse training);
 one module per method family: ``pruning`` (magnitude, random, saliency, global, LAMP, static),
-``rigl`` (SET and RigL), ``snfs``, ``srigl``, ``topkast``. Flax layers (block-sparse dense and
+``rigl`` (SET and RigL), ``snfs``, ``srigl``, ``topkast``; ``oneshot`` (Wanda, SparseGPT, OWL:
+post-training pruning from calibration data). Flax layers (block-sparse dense and
 attention) are in ``jaxsparse.nn``, loaded on first use because they need flax.
 """
 
@@ -26,6 +27,16 @@ from jaxsparse.core import (
 from jaxsparse.distributions import Distribution, er, erk, uniform
 from jaxsparse.leaves import leaf_paths, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, count_nonzeros, dense_masks, mask_sparsity, masks_from_params
+from jaxsparse.oneshot import (
+    OWL,
+    HessianState,
+    hessian_init,
+    hessian_update,
+    owl,
+    prune_oneshot,
+    sparsegpt,
+    wanda,
+)
 from jaxsparse.pruning import (
     global_magnitude_pruning,
     lamp_pruning,
@@ -64,6 +75,8 @@ __all__ = [
     "global_magnitude_pruning", "lamp_pruning", "static_sparse",
     # dynamic sparse training
     "dynamic_sparse", "set_sparse", "rigl", "snfs", "srigl", "topkast",
+    # one-shot pruning of trained models
+    "wanda", "sparsegpt", "owl", "OWL", "prune_oneshot", "HessianState", "hessian_init", "hessian_update",
     # reporting
     "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]
