@@ -35,24 +35,29 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 class _Model:
-    """A flax model as ``capture(params, batch) -> {kernel name: [inputs of each call]}``."""
+    """A flax model as ``capture(params, rest, batch) -> {kernel name: [inputs of each call]}``
+    (``rest``: an nnx model's other state, None for linen)."""
 
-    def __init__(self, model, params):
+    def __init__(self, key, names: tuple, nnx: bool):
+        self.key, self.names, self.nnx = key, names, nnx  # key: the linen model or apply fn, or the nnx graphdef
+
+    @classmethod
+    def wrap(cls, model, params):
+        """``(_Model, params, rest)`` for a linen model, an apply function or an nnx model."""
         from flax import linen as nn
 
-        self.params = params
-        self.nnx = _is_nnx(model)
-        if self.nnx:
+        rest = None
+        if _is_nnx(model):
             from flax import nnx
 
-            self.graphdef, model_params, self.rest = nnx.split(model, nnx.Param, ...)
-            if self.params is None:
-                self.params = model_params
+            key, model_params, rest = nnx.split(model, nnx.Param, ...)
+            params = model_params if params is None else params
         elif isinstance(model, nn.Module) or callable(model):
-            self.linen = model
+            key = model
         else:
             raise ValueError(f"prune_oneshot takes a flax linen Module, an apply function or an nnx Module; got {type(model)}")
-        self.names = [path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(self.params)[0]]
+        names = tuple(path_to_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+        return cls(key, names, rest is not None), params, rest
 
     def _name_of(self, path: tuple) -> str:
         """The params leaf name of a dense layer's kernel from the module's path."""
@@ -62,12 +67,12 @@ class _Model:
             raise ValueError(f"cannot find the kernel of dense layer {suffix!r} among the params' leaves {self.names}")
         return found[0]
 
-    def capture(self, params, batch) -> dict[str, list]:
+    def capture(self, params, rest, batch) -> dict[str, list]:
         captured: dict[str, list] = {}
         if self.nnx:
             from flax import nnx
 
-            module = nnx.merge(self.graphdef, params, self.rest)
+            module = nnx.merge(self.key, params, rest)
             paths = {id(mod): path for path, mod in nnx.iter_modules(module) if isinstance(mod, nnx.Linear)}
             original = nnx.Linear.__call__
 
@@ -87,11 +92,11 @@ class _Model:
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
-            if isinstance(self.linen, nn.Module):
+            if isinstance(self.key, nn.Module):
                 variables = params if isinstance(params, dict) and "params" in params else {"params": params}
-                self.linen.apply(variables, *_as_args(batch))
+                self.key.apply(variables, *_as_args(batch))
             else:
-                self.linen(params, batch)
+                self.key(params, batch)
         return captured
 
 
@@ -121,19 +126,27 @@ def _stack(inputs: list, n_in: int) -> jax.Array:
     return jnp.concatenate([jnp.reshape(x, (-1, n_in)) for x in inputs]).astype(jnp.float32)
 
 
-def _statistics_fn(model: _Model, names: list[str], diagonal: bool):
-    """``(params, batch, index) -> (sum, count)`` for ``names[index]``: one compiled function
-    for layers of one input width, the layer chosen by ``lax.switch``."""
-    n_in = model.in_features[names[0]]
+_STATISTICS: dict = {}  # compiled statistics functions, reused by later calls on the same model
+
+
+def _statistics_fn(model: _Model, names: tuple[str, ...], n_in: int, diagonal: bool):
+    """``(params, rest, batch, index) -> (sum, count)`` for ``names[index]``: one compiled
+    function for the layers of one input width, the layer chosen by ``lax.switch``."""
+    key = (model.key, model.names, names, diagonal)
+    if key in _STATISTICS:
+        return _STATISTICS[key]
 
     @jax.jit
-    def stats(params, batch, index):
-        captured = model.capture(params, batch)
+    def stats(params, rest, batch, index):
+        captured = model.capture(params, rest, batch)
         xs = [_stack(captured[name], n_in) for name in names]
         if len({x.shape for x in xs}) > 1:  # token counts differ: one branch per layer still works
             return lax.switch(index, [functools.partial(_moments, x, diagonal) for x in xs])
         return _moments(lax.switch(index, [lambda x=x: x for x in xs]), diagonal)
 
+    if len(_STATISTICS) > 32:
+        _STATISTICS.clear()
+    _STATISTICS[key] = stats
     return stats
 
 
@@ -193,21 +206,19 @@ def prune_oneshot(
     if sparsity is not None and (n is not None or m is not None):
         raise ValueError("give either sparsity or n and m, not both")
     batches = list(calibration_batches)
-    wrapped = _Model(model, params)
-    params = wrapped.params
+    wrapped, params, rest = _Model.wrap(model, params)
     # Which dense layers exist, in call order, and their input widths (one trace, no compute).
     if not batches:
         raise ValueError("prune_oneshot needs at least one calibration batch (to find the dense layers)")
     order: dict[str, int] = {}
 
     def find(p, b):
-        captured = wrapped.capture(p, b)
+        captured = wrapped.capture(p, rest, b)
         for name, xs in captured.items():
             order.setdefault(name, xs[0].shape[-1])
         return 0
 
     jax.eval_shape(find, params, batches[0])
-    wrapped.in_features = order
     chosen = select_leaves(params, include, exclude)
     layers = [name for name in order if chosen.get(name, False)]
     if not layers:
@@ -216,16 +227,12 @@ def prune_oneshot(
     for name in layers:
         check_layer(name, leaves[name], order[name], n=n, m=m, sparsity=None if n is not None else 0.0)
 
-    stats_fns: dict = {}
-
     def statistics(current, name, diagonal):
         same = tuple(x for x in layers if order[x] == order[name])
-        key = (same, diagonal)
-        if key not in stats_fns:
-            stats_fns[key] = _statistics_fn(wrapped, list(same), diagonal)
+        fn = _statistics_fn(wrapped, same, order[name], diagonal)
         total, count = None, 0
         for batch in batches:
-            s, c = stats_fns[key](current, batch, same.index(name))
+            s, c = fn(current, rest, batch, same.index(name))
             total, count = (s if total is None else total + s), count + c
         return HessianState(total, jnp.asarray(count, jnp.int32))
 
