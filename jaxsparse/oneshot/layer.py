@@ -48,8 +48,12 @@ def n_m_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
     """
     rows, cols = scores.shape
     keys = score_keys(scores).reshape(rows // m, m, cols)
-    order = jnp.argsort(keys, axis=1, descending=True, stable=True)
-    rank = jnp.argsort(order, axis=1, stable=True)
+    # Rank of each entry in its group by m*m comparisons (m is small; cheaper than a sort).
+    i = jnp.arange(m)
+    ahead = (keys[:, None, :, :] > keys[:, :, None, :]) | (
+        (keys[:, None, :, :] == keys[:, :, None, :]) & (i[None, :] < i[:, None])[None, :, :, None]
+    )
+    rank = jnp.sum(ahead, axis=2, dtype=jnp.int32)
     return (rank < n).reshape(rows, cols)
 
 
@@ -189,14 +193,21 @@ def wanda(weight, inputs, *, sparsity=None, n=None, m=None, return_mask: bool = 
 
 def _inverse_hessian_factor(hessian_sum, count, damp):
     """The upper Cholesky factor ``U`` of the damped inverse Hessian (``U^T U = H^-1``), with the
-    reference's fix of dead inputs (zero diagonal: set to 1). Returns ``(U, dead)``."""
+    reference's fix of dead inputs (zero diagonal: set to 1). Returns ``(U, dead)``.
+
+    The reference factors ``H``, inverts it and factors the inverse. The same ``U`` costs one
+    factorisation and one triangular inverse: with ``J`` the order reversal and
+    ``J H J = L L^T``, ``H = R R^T`` for the upper triangular ``R = J L J``, so
+    ``H^-1 = R^-T R^-1`` and ``U = R^-1 = J L^-1 J`` (positive diagonal, hence the factor).
+    """
     h = 2.0 * hessian_sum / count.astype(jnp.float32)
     diag = jnp.diagonal(h)
     dead = diag == 0
     h = h + jnp.diag(jnp.where(dead, 1.0, 0.0) + damp * jnp.mean(jnp.where(dead, 1.0, diag)))
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
     eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    hinv = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(h), True), eye)
-    return jnp.linalg.cholesky(hinv).T, dead
+    inverse = jax.scipy.linalg.solve_triangular(lower, eye, lower=True)
+    return inverse[::-1, ::-1], dead
 
 
 def _prune_block(w, mask, u, start, size: int, pruned_count, n, m):
