@@ -10,8 +10,9 @@ For square ``(n, n)`` layers (default n = 1024, 2048, 4096, 8192) and 2048 calib
 - ``cholesky``: the damped inverse Hessian's Cholesky factor alone (factor, inverse, factor),
   printed as its share of SparseGPT at 50%.
 
-Each function is compiled before timing. ``--max-reps-size`` limits repetitions for the largest
-layers (8192^2 SparseGPT takes minutes on a 2-core CPU: it runs once there).
+Each function is compiled before timing, except for layers larger than ``--max-reps-size``
+(8192^2 SparseGPT takes minutes on a 2-core CPU): those run once, compilation (about a second)
+included.
 
     python benchmarks/oneshot.py [--sizes 1024 2048 4096 8192] [--reps 3]
 """
@@ -61,9 +62,10 @@ def main():
             "sparsegpt_nm": lambda: js.sparsegpt(w, state, n=2, m=4),
             "cholesky": lambda: factor(state.hessian, state.count, 0.01),
         }
-        for fn in runs.values():  # compile (and, for the largest layers, the one timed run below)
-            jax.block_until_ready(fn())
         reps = args.reps if n <= args.max_reps_size else 1
+        if reps > 1:
+            for fn in runs.values():  # compile first; a single run (the largest layers) includes it
+                jax.block_until_ready(fn())
         best = {name: float("inf") for name in runs}
         for _ in range(reps):  # interleaved
             for name, fn in runs.items():
