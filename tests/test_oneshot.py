@@ -166,6 +166,9 @@ def test_errors(layer):
         js.sparsegpt(w, x, sparsity=0.5, n=2, m=4)
     with pytest.raises(ValueError, match=r"'weight' of shape \(64, 48\): 10 calibration tokens.*singular"):
         js.sparsegpt(w, x[:10], sparsity=0.5, damp=0.0)
+    with pytest.raises(ValueError, match=r"'weight' of shape \(64, 48\): 10 calibration tokens.*damp=1e-06"):
+        js.sparsegpt(w, x[:10], sparsity=0.5, damp=1e-6)
+    assert np.all(np.isfinite(js.sparsegpt(w, x[:10], sparsity=0.5)))  # the default damping conditions it
     with pytest.raises(ValueError, match=r"no calibration tokens"):
         js.sparsegpt(w, js.hessian_init(64), sparsity=0.5)
     with pytest.raises(ValueError, match=r"only its diagonal"):
@@ -296,6 +299,18 @@ SHARDED = textwrap.dedent(
     got = jax.jit(js.hessian_update)(js.hessian_init(32), xs)
     np.testing.assert_allclose(got.hessian, want.hessian, atol=tol)
     np.testing.assert_allclose(js.sparsegpt(w, got, sparsity=0.5), js.sparsegpt(w, x, sparsity=0.5), atol=1e-5)
+    # The model-level driver on calibration batches sharded over the data axis.
+    import flax.linen as nn
+    model = nn.Sequential([nn.Dense(32), nn.relu, nn.Dense(16)])
+    params = model.init(jax.random.PRNGKey(2), x[:8])["params"]
+    batches = [x[:128], x[128:]]
+    sharded = [jax.device_put(b, NamedSharding(mesh, P("data"))) for b in batches]
+    want, want_masks = js.prune_oneshot(model, params, batches, method="sparsegpt", sparsity=0.5, progress=False)
+    got, got_masks = js.prune_oneshot(model, params, sharded, method="sparsegpt", sparsity=0.5, progress=False)
+    for a, b in zip(jax.tree.leaves(want_masks), jax.tree.leaves(got_masks)):
+        assert np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
     print("ok")
     """
 )

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -132,7 +131,12 @@ _STATISTICS: dict = {}  # compiled statistics functions, reused by later calls o
 def _statistics_fn(model: _Model, names: tuple[str, ...], n_in: int, diagonal: bool):
     """``(params, rest, batch, index) -> (sum, count)`` for ``names[index]``: one compiled
     function for the layers of one input width, the layer chosen by ``lax.switch``."""
-    key = (model.key, model.names, names, diagonal)
+    try:
+        hash(model.key)
+        identity = model.key
+    except TypeError:  # a linen module with unhashable fields (nn.Sequential's list): the cached
+        identity = id(model.key)  # function holds the module, so its id cannot be reused
+    key = (identity, model.names, names, diagonal)
     if key in _STATISTICS:
         return _STATISTICS[key]
 

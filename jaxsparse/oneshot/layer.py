@@ -36,7 +36,7 @@ from jaxsparse.distributions import check_sparsity
 from jaxsparse.oneshot.hessian import HessianState, hessian_init, hessian_update
 from jaxsparse.selection import score_keys, top_k_mask, top_k_per_column
 
-__all__ = ["wanda", "sparsegpt", "magnitude_layer", "n_m_keep_mask", "check_layer", "unit_prune_counts"]
+__all__ = ["wanda", "sparsegpt", "magnitude_layer", "wanda_scores", "n_m_keep_mask", "check_layer", "unit_prune_counts"]
 
 
 def n_m_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
@@ -122,10 +122,14 @@ def _check_tokens(name, state: HessianState, shape, damp: float | None = None) -
     count = int(count)
     if count == 0:
         raise ValueError(f"layer {name!r} of shape {tuple(shape)}: no calibration tokens were seen")
-    if damp == 0 and count < shape[0]:
+    # Fewer tokens than inputs: H has rank <= tokens and only the damping makes it invertible,
+    # with a condition number up to 1 + in / damp (the damping is damp * mean(diag H) and
+    # trace H = in * mean(diag H)); beyond ~1e6 a float32 Cholesky factor is unreliable.
+    if damp is not None and count < shape[0] and (damp == 0 or shape[0] / damp > 1e6):
         raise ValueError(
             f"layer {name!r} of shape {tuple(shape)}: {count} calibration tokens give a singular Hessian of "
-            f"rank <= {count} < {shape[0]} input features; use at least {shape[0]} tokens or damp > 0"
+            f"rank <= {count} < {shape[0]} input features, and damp={damp} is too small to condition it in "
+            f"float32; use at least {shape[0]} tokens or a larger damp"
         )
 
 
@@ -330,8 +334,9 @@ def sparsegpt(
       The pruned and updated weight (its dtype), or ``(weight, keep_mask)``.
 
     Raises:
-      ValueError: bad shapes or target, no calibration tokens, fewer tokens than inputs with
-        ``damp=0`` (a singular Hessian), or a damped Hessian whose Cholesky factorisation fails.
+      ValueError: bad shapes or target, no calibration tokens, fewer tokens than inputs (a
+        singular Hessian) with a damping too small to condition it in float32 (``damp=0``, or
+        ``in / damp > 1e6``), or a damped Hessian whose Cholesky factorisation fails.
     """
     sparsity = check_layer(name, weight, sparsity=sparsity, n=n, m=m)
     block_size = int(block_size)
