@@ -136,6 +136,13 @@ def test_sparsegpt_at_zero_sparsity_returns_the_weight(layer):
     assert np.array_equal(np.asarray(js.sparsegpt(w, x, sparsity=0.0)), np.asarray(w))
 
 
+def test_layer_functions_inside_jit(layer):
+    w, x = layer
+    for fn in (js.sparsegpt, js.wanda):
+        jitted = jax.jit(lambda w, x: fn(w, x, sparsity=0.5))(w, x)
+        np.testing.assert_array_equal(jitted, fn(w, x, sparsity=0.5))
+
+
 def test_sparsegpt_bfloat16_and_hessian_in_chunks(layer):
     w, x = layer
     state = js.hessian_init(64)
@@ -258,6 +265,8 @@ def test_driver_nnx_wanda_owl_and_n_m():
         assert np.all(keep.reshape(-1, 4, keep.shape[-1]).sum(1) == 2), name
     nnx.update(model, params)
     assert float(jnp.mean(model.layers[0].kernel[...] == 0)) == 0.5
+    optimizer = js.nnx_optimizer(model, js.static_sparse(optax.sgd(0.1), masks=masks))  # fine-tune from the masks
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(js.get_masks(optimizer)), jax.tree.leaves(masks)))
     _, masks = js.prune_oneshot(model, None, batches, method="sparsegpt", sparsity=js.owl(0.5, lam=0.1), progress=False)
     kept = [float(np.mean(m)) for m in jax.tree.leaves(masks)]
     assert len(kept) == 3 and np.mean(kept) == pytest.approx(0.5, abs=0.01) and max(kept) - min(kept) > 0.05
