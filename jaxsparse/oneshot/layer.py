@@ -144,6 +144,9 @@ def _select(scores, keep_per_output, n=None, m=None):
     return top_k_per_column(scores, keep_per_output)
 
 
+_top_k_mask = jax.jit(top_k_mask)
+
+
 def _select_per_output(scores, sparsity, n, m):
     if n is not None:
         return _select(scores, None, n=n, m=m)
@@ -160,7 +163,7 @@ def magnitude_layer(weight, *, sparsity=None, n=None, m=None, return_mask: bool 
     if n is not None:
         keep = _select(scores, None, n=n, m=m)
     else:
-        keep = jax.jit(top_k_mask)(scores, weight.size - math.floor(sparsity * weight.size))
+        keep = _top_k_mask(scores, weight.size - math.floor(sparsity * weight.size))
     pruned = _prune_with(weight, keep)
     return (pruned, keep) if return_mask else pruned
 
