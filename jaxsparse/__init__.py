@@ -7,7 +7,8 @@ Where things are: the core transformation in ``core``; shared machinery in ``mas
 ``selection``, ``scores``, ``distributions``, ``schedules``, ``structures`` and ``dst`` (dynamic sparse training);
 one module per method family: ``pruning`` (magnitude, random, saliency, global, LAMP, static),
 ``rigl`` (SET and RigL), ``snfs``, ``srigl``, ``topkast``, ``ste`` (STE, SR-STE, ST-3),
-``autosparse``, ``progressive`` (MDGF, SDGF). Flax layers (block-sparse dense and
+``autosparse``, ``progressive`` (MDGF, SDGF); ``oneshot`` (Wanda, SparseGPT, OWL: post-training
+pruning from calibration data); ``export``, ``checkpoint``, ``sharding``. Flax layers (block-sparse dense and
 attention) are in ``jaxsparse.nn``, loaded on first use because they need flax.
 """
 
@@ -30,6 +31,16 @@ from jaxsparse.distributions import Distribution, er, erk, uniform
 from jaxsparse.export import BitmaskTensor, NMTensor, compress, decompress, load_compressed, save_compressed
 from jaxsparse.leaves import leaf_paths, path_to_str, select_leaves
 from jaxsparse.masks import apply_masks, count_nonzeros, dense_masks, mask_sparsity, masks_from_params
+from jaxsparse.oneshot import (
+    OWL,
+    HessianState,
+    hessian_init,
+    hessian_update,
+    owl,
+    prune_oneshot,
+    sparsegpt,
+    wanda,
+)
 from jaxsparse.pruning import (
     global_magnitude_pruning,
     lamp_pruning,
@@ -83,6 +94,8 @@ __all__ = [
     "compress", "decompress", "save_compressed", "load_compressed", "BitmaskTensor", "NMTensor",
     # sharding and checkpoints
     "state_shardings", "abstract_state", "checkpoint_manager", "save_checkpoint", "restore_checkpoint",
+    # one-shot pruning of trained models
+    "wanda", "sparsegpt", "owl", "OWL", "prune_oneshot", "HessianState", "hessian_init", "hessian_update",
     # reporting
     "SparsityReport", "sparsity_report", "SparsityPreview", "preview_sparsity",
 ]

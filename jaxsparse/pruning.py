@@ -28,6 +28,7 @@ computed exactly on the host when the step is traced (one integer per leaf per u
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ from jax import lax
 from jaxsparse import counts
 from jaxsparse import scores as score_fns
 from jaxsparse.distributions import as_distribution, keep_count
+from jaxsparse.leaves import path_to_str
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
 from jaxsparse.masks import random_masks
 from jaxsparse.structures import select_top_k
@@ -419,24 +421,61 @@ def lamp_pruning(
     )
 
 
-def static_sparse(inner, *, sparsity=None, seed=0, include=None, exclude=None, overrides=None, structure=None,
-                  dense_if_untileable=False, gradient_annealing=None):
+def static_sparse(inner, *, sparsity=None, masks=None, seed=0, include=None, exclude=None, overrides=None,
+                  structure=None, dense_if_untileable=False, gradient_annealing=None):
     """Static sparse training: a random mask drawn at init (exactly ``N - floor(s N)`` entries
-    per leaf, spread by the distribution: ``erk(0.9)``, ``er(0.9)`` or a float), fixed afterwards.
-    With ``structure`` (see :func:`jaxsparse.sparsifier`) the random mask is of whole groups
-    (random tiles, a random ``n`` of every ``m``).
+    per leaf, spread by the distribution: ``erk(0.9)``, ``er(0.9)`` or a float), fixed afterwards;
+    or the given ``masks`` instead, fixed. With ``structure`` (see :func:`jaxsparse.sparsifier`)
+    the random mask is of whole groups (random tiles, a random ``n`` of every ``m``).
 
     The baseline of Mocanu et al. (2018) and Evci et al. (2020). ``tx.init`` cannot change
     params: start with ``js.init(tx, params)``, which returns them masked, so the first step
     already trains the sparse model (otherwise the first update zeroes them off the mask).
 
+    ``masks``: a params-shaped tree of bool keep masks (``None`` for dense leaves), e.g. from
+    :func:`jaxsparse.prune_oneshot` or :func:`jaxsparse.get_masks`: the sparse fine-tune of a
+    pruned model. It replaces ``sparsity``, ``include``, ``exclude`` and ``overrides`` (the masks
+    say which leaves are sparse and how much).
+
     Example::
 
         tx = js.static_sparse(optax.adam(1e-3), sparsity=js.erk(0.9), seed=0)
         params, opt_state = js.init(tx, params)   # params masked: step 0 trains the sparse model
+
+        tx = js.static_sparse(optax.adam(1e-4), masks=masks)   # fine-tune a pruned model
     """
-    topology = Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=None, is_update_step=None)
-    return sparsifier(
-        inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides, seed=seed,
-        structure=structure, dense_if_untileable=dense_if_untileable, gradient_annealing=gradient_annealing,
-    )
+    if masks is None:
+        topology = Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=None, is_update_step=None)
+        return sparsifier(
+            inner, sparsity=sparsity, topology=topology, include=include, exclude=exclude, overrides=overrides,
+            seed=seed, structure=structure, dense_if_untileable=dense_if_untileable,
+            gradient_annealing=gradient_annealing,
+        )
+    if any(x is not None for x in (sparsity, include, exclude, overrides, structure)):
+        raise ValueError(
+            "static_sparse: masks fix the sparse leaves and their sparsity; give no sparsity, include, exclude, "
+            "overrides or structure with them"
+        )
+    given = {path_to_str(p): np.asarray(m, bool) for p, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
+    if not given:
+        raise ValueError("static_sparse: masks hold no mask (every leaf is None)")
+    exact = {f"^{re.escape(name)}$": _exact_sparsity(m) for name, m in given.items()}
+
+    def init(inputs):
+        for leaf in inputs.plan:
+            if given[leaf.name].shape != leaf.shape:
+                raise ValueError(f"static_sparse: mask of leaf {leaf.name!r} has shape {given[leaf.name].shape}, the leaf {leaf.shape}")
+        return [jnp.asarray(given[leaf.name]) for leaf in inputs.plan], ()
+
+    topology = Topology(init=init, update=None, is_update_step=None)
+    return sparsifier(inner, sparsity=0.0, topology=topology, include=list(exact), overrides=exact, seed=seed,
+                      gradient_annealing=gradient_annealing)
+
+
+def _exact_sparsity(mask: np.ndarray) -> float:
+    """A sparsity ``s`` whose exact budget ``N - floor(s N)`` is the mask's count of True."""
+    size, pruned = mask.size, mask.size - int(mask.sum())
+    s = pruned / size if size else 0.0
+    while math.floor(s * size) < pruned:  # float rounding just below the integer
+        s = float(np.nextafter(s, 1.0))
+    return s
