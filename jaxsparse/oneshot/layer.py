@@ -34,27 +34,10 @@ from jax import lax
 
 from jaxsparse.distributions import check_sparsity
 from jaxsparse.oneshot.hessian import HessianState, hessian_init, hessian_update
-from jaxsparse.selection import score_keys, top_k_mask, top_k_per_column
+from jaxsparse.selection import top_k_mask, top_k_per_column
+from jaxsparse.structures import n_of_m
 
-__all__ = ["wanda", "sparsegpt", "magnitude_layer", "wanda_scores", "n_m_keep_mask", "check_layer", "unit_prune_counts"]
-
-
-def n_m_keep_mask(scores: jax.Array, n: int, m: int) -> jax.Array:
-    """N:M selection: of every ``m`` consecutive entries along axis 0 (input features) of each
-    column, keep the ``n`` with the largest score (ties: lower index first; NaN lowest).
-
-    ``scores.shape[0]`` must be a multiple of ``m``. The one place one-shot pruning turns scores
-    into an N:M mask (to be replaced by the shared N:M structure when there is one).
-    """
-    rows, cols = scores.shape
-    keys = score_keys(scores).reshape(rows // m, m, cols)
-    # Rank of each entry in its group by m*m comparisons (m is small; cheaper than a sort).
-    i = jnp.arange(m)
-    ahead = (keys[:, None, :, :] > keys[:, :, None, :]) | (
-        (keys[:, None, :, :] == keys[:, :, None, :]) & (i[None, :] < i[:, None])[None, :, :, None]
-    )
-    rank = jnp.sum(ahead, axis=2, dtype=jnp.int32)
-    return (rank < n).reshape(rows, cols)
+__all__ = ["wanda", "sparsegpt", "magnitude_layer", "wanda_scores", "check_layer", "unit_prune_counts"]
 
 
 def check_layer(name: str, weight, n_inputs: int | None = None, *, sparsity=None, n=None, m=None) -> float | None:
@@ -140,7 +123,7 @@ def _prune_with(weight, keep):
 @functools.partial(jax.jit, static_argnames=("n", "m"))
 def _select(scores, keep_per_output, n=None, m=None):
     if n is not None:
-        return n_m_keep_mask(scores, n, m)
+        return n_of_m(n, m, axis=0).select(scores)
     return top_k_per_column(scores, keep_per_output)
 
 
@@ -245,7 +228,7 @@ def _prune_block(w, mask, u, start, size: int, pruned_count, n, m):
             u_cols = lax.dynamic_slice(u1, (0, g * m), (size, m))
             rows = lax.dynamic_slice(w1, (g * m, 0), (m, out)) - jnp.matmul(u_cols.T, carry[1], precision=lax.Precision.HIGHEST)
             d = lax.dynamic_slice(d1, (g * m,), (m,))
-            group_pruned = ~n_m_keep_mask(rows**2 / (d**2)[:, None], n, m)
+            group_pruned = ~n_of_m(n, m, axis=0).select(rows**2 / (d**2)[:, None])
             carry = lax.fori_loop(0, m, lambda j, c: feature(g * m + j, c, group_pruned[j]), carry)
             return carry, lax.dynamic_update_slice(pruned, group_pruned, (g * m, 0))
 
