@@ -52,6 +52,7 @@ __all__ = [
     "saliency_pruning",
     "global_magnitude_pruning",
     "lamp_pruning",
+    "lamp_budgets",
     "static_sparse",
 ]
 
