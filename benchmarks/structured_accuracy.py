@@ -46,6 +46,7 @@ METHODS = {
     "STE 90%": ("STE, ERK", "90%"),
     "ST-3 90%": ("ST-3, global threshold, cubic ramp", "90%"),
     "AutoSparse 90%": ("AutoSparse gradient annealing on a top-k budget, ERK", "90%"),
+    "AutoSparse learned": ("AutoSparse, learned per-layer thresholds (threshold weight decay 1.5)", "learned"),
     "RigL 90%": ("RigL, unstructured, ERK (reference)", "90%"),
     "block RigL 90%": ("RigL on 8x8 tiles (8x2 on the output kernel), ERK over tiles", "90%"),
 }
@@ -69,6 +70,9 @@ def make_tx(method: str, sparsity: float, steps: int, lr, seed):
         return js.st3(adam, sparsity=0.9, begin_step=int(0.1 * steps), end_step=int(0.6 * steps))
     if method == "AutoSparse 90%":
         return js.autosparse(adam, sparsity=dist, alpha=0.5, end_step=int(0.75 * steps))
+    if method == "AutoSparse learned":  # the thresholds' weight decay sets the final sparsity
+        thresholds = optax.adamw(lr, weight_decay=1.5)
+        return js.autosparse(adam, alpha=0.5, end_step=int(0.75 * steps), threshold_init=-3.0, threshold_optimizer=thresholds)
     if method == "RigL 90%":
         return js.rigl(adam, sparsity=dist, update_every=100, end_step=int(0.75 * steps), seed=seed)
     if method == "block RigL 90%":
