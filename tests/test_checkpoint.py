@@ -55,7 +55,7 @@ def _saved(tmp_path, tx, steps=3):
 @pytest.mark.compat
 def test_helpers_restore_typed_keys_bool_masks_and_continue(tmp_path):
     # a typed PRNG key in the inner state (add_noise) and the sparsifier's raw key both survive
-    tx = js.rigl(optax.chain(optax.add_noise(0.01, 0.55, seed=3), optax.adam(1e-2)), sparsity=js.uniform(0.75),
+    tx = js.rigl(optax.chain(optax.add_noise(0.01, 0.55, key=jax.random.key(3)), optax.adam(1e-2)), sparsity=js.uniform(0.75),
                  update_every=2, end_step=10, seed=jax.random.key(1))
     manager, params, opt_state, step = _saved(tmp_path, tx)
     p, s = js.restore_checkpoint(manager, tx, jax.eval_shape(mlp_params))
