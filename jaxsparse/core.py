@@ -161,6 +161,13 @@ class StatePlan:
 
     leaves: tuple
 
+    def __hash__(self):  # cached: jit hashes the state's tree structure on every call
+        try:
+            return self._hash
+        except AttributeError:
+            object.__setattr__(self, "_hash", hash(self.leaves))
+            return self._hash
+
     def __repr__(self):  # short: it appears in printed tree structures
         return f"StatePlan({len(self.leaves)} leaves)"
 
