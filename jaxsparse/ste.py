@@ -160,7 +160,10 @@ def sr_ste(
       inner: the optax transformation that trains the dense weights.
       n, m, axis: the N:M pattern (:func:`jaxsparse.n_of_m`).
       decay: ``lambda_W``; 0 gives plain STE.
-      gradient_annealing, include, exclude, overrides, seed, dense_if_untileable: see :func:`ste`.
+      gradient_annealing: 1 (the paper's straight-through gradient). Another factor ``alpha``
+        scales the whole gradient reaching pruned weights, the sparse-refined term included
+        (``alpha (g + lambda_W w)``; the paper has no such factor).
+      include, exclude, overrides, seed, dense_if_untileable: see :func:`ste`.
     """
     return ste(
         inner, structure=n_of_m(n, m, axis), decay=decay, gradient_annealing=gradient_annealing,
