@@ -132,7 +132,7 @@ def main():
 
     masks = js.get_masks(state)  # element masks of whole tiles; None for the dense leaves
     print()
-    print(js.sparsity_report(sparse, structure=js.blocks(args.block, args.block), include="Dense_[12]/kernel"))
+    print(js.sparsity_report(sparse, state=state))  # structure and tile budget read from the state
 
     # Serve: the masks convert directly (the tile shape is read off each mask).
     variables = jsn.linen.variables_from_dense(sparse, masks)

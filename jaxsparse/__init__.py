@@ -22,6 +22,7 @@ from jaxsparse.core import (
     Topology,
     TopologyInputs,
     get_masks,
+    get_plan,
     get_shadow,
     init,
     periodic_updates,
@@ -90,6 +91,8 @@ __all__ = [
     # gradient annealing and the straight-through family
     "ste", "sr_ste", "st3", "autosparse", "autosparse_alpha", "mdgf", "sdgf", "sdgf_stages",
     "sigmoid_cosine_decay", "mask_decay", "get_shadow",
+    # the plan a sparsifier state was trained with (structures, budgets)
+    "get_plan",
     # export: compressed formats and files
     "compress", "decompress", "save_compressed", "load_compressed", "BitmaskTensor", "NMTensor",
     # sharding and checkpoints

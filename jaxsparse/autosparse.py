@@ -154,7 +154,9 @@ def autosparse(
       inner: the optax transformation that trains the dense weights.
       end_step: ``T``, the step where ``alpha(t)`` reaches 0.
       alpha: ``alpha_0``, the initial annealing factor (0.5, the default of the public
-        re-implementation; the paper tunes it per model).
+        re-implementation; its ResNet-50 configuration, written after the paper's ImageNet run,
+        uses 0.75 with ``threshold_init = -5``, the sigmoid threshold, and alpha set to 0 at
+        epoch 90 of 100, which ``end_step`` at 90% of training approximates).
       sparsity: None (learned thresholds, the paper's AutoSparse) or a float / distribution (a
         top-k mask per layer with GA, thresholds unused; None with an N:M ``structure``).
       threshold_init: initial ``s_l`` (``tau = sigmoid(-5) = 0.0067``: almost nothing pruned at first).

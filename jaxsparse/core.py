@@ -52,6 +52,7 @@ A *topology* is a small record of pure functions over the list of sparsified lea
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -79,6 +80,8 @@ __all__ = [
     "sparsifier",
     "get_masks",
     "get_shadow",
+    "get_plan",
+    "StatePlan",
     "sparsifier_states",
     "init",
     "as_key",
@@ -100,6 +103,10 @@ class SparsifierState(NamedTuple):
       aux: the topology's own state (e.g. a gradient moving average), a pytree or ``()``.
       shadow: with gradient annealing, the dense weights the inner transformation trains (a
         params-shaped tree, None on leaves not sparsified); None otherwise.
+      plan: the sparsified leaves with their targets, budgets and structures (a
+        :class:`StatePlan`: static configuration with no array leaves, so it costs nothing under
+        jit and is not written to checkpoints); :func:`get_plan` reads it, and
+        :func:`jaxsparse.sparsity_report` takes structures and budgets from it.
     """
 
     masks: Any
@@ -108,6 +115,7 @@ class SparsifierState(NamedTuple):
     inner_state: Any
     aux: Any = ()
     shadow: Any = None
+    plan: Any = None
 
 
 class LeafPlan(NamedTuple):
@@ -142,6 +150,26 @@ class LeafPlan(NamedTuple):
     @property
     def keep_units(self) -> int:
         return self.keep // self.layout.group_size(self.shape)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class StatePlan:
+    """The :class:`LeafPlan` of every sparsified leaf, held in :class:`SparsifierState` as static
+    pytree data (no array leaves: jit, vmap and checkpoints see nothing of it), so what a state
+    was trained with (structures, targets, exact budgets) can be read back from the state alone."""
+
+    leaves: tuple
+
+    def __hash__(self):  # cached: jit hashes the state's tree structure on every call
+        try:
+            return self._hash
+        except AttributeError:
+            object.__setattr__(self, "_hash", hash(self.leaves))
+            return self._hash
+
+    def __repr__(self):  # short: it appears in printed tree structures
+        return f"StatePlan({len(self.leaves)} leaves)"
 
 
 class TopologyInputs(NamedTuple):
@@ -431,8 +459,10 @@ def _not_a_state_message(state) -> str:
 
 
 def _looks_restored(x) -> bool:
-    # ``shadow`` may be missing from a checkpoint written before gradient annealing existed
-    return isinstance(x, dict) and set(x) in (set(SparsifierState._fields), set(SparsifierState._fields) - {"shadow"})
+    # ``shadow`` may be missing from a checkpoint written before gradient annealing existed, and
+    # ``plan`` (static, no arrays) is never written
+    fields = set(SparsifierState._fields)
+    return isinstance(x, dict) and set(x) in (fields, fields - {"plan"}, fields - {"shadow", "plan"})
 
 
 def sparsifier(
@@ -543,6 +573,7 @@ def sparsifier(
             inner_state=inner.init(params),
             aux=aux,
             shadow=None if annealing is None else _masks_tree(params, plan, _to_list(params, plan)),
+            plan=StatePlan(plan),
         )
 
     def annealed_update(updates, state, params, extra_args, plan):
@@ -592,7 +623,7 @@ def sparsifier(
         )
         new_state = SparsifierState(
             _masks_tree(params, plan, new_masks), state.step + 1, state.key, inner_state, aux,
-            _masks_tree(params, plan, shadow),
+            _masks_tree(params, plan, shadow), state.plan,
         )
         return new_updates, new_state
 
@@ -656,7 +687,7 @@ def sparsifier(
             new_updates = _with_leaves(new_updates, plan, finished)
         else:  # pruned entries get -param: apply_updates then stores exactly 0.0 there
             new_updates = map_masked(lambda m, u, p: jnp.where(m, u, -p.astype(u.dtype)), masks, new_updates, params)
-        new_state = SparsifierState(masks, state.step + 1, state.key, inner_state, aux)
+        new_state = SparsifierState(masks, state.step + 1, state.key, inner_state, aux, None, state.plan)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -764,6 +795,30 @@ def get_shadow(state):
         )
     merged = functools.reduce(_merge_masks, trees)
     return jax.tree.map(lambda x: None if _is_masked_node(x) else x, merged, is_leaf=lambda x: _is_masked_node(x) or x is None)
+
+
+def get_plan(state) -> dict:
+    """``{leaf name: LeafPlan}`` of every sparsifier inside an optimizer state, however nested
+    (like :func:`get_masks`): each sparsified leaf's target sparsity, exact budget and structure
+    (``leaf.layout``; ``leaf.keep_units`` whole groups), as the sparsifier planned them at init.
+
+    Raises:
+      ValueError: if the state holds no sparsifier, or one without a plan (a state restored from
+        a checkpoint without a target: restore into ``jax.eval_shape(tx.init, params)``).
+    """
+    states = sparsifier_states(state)
+    if not states:
+        raise ValueError(
+            f"no jaxsparse sparsifier state found in {type(state).__name__}: pass the state returned by the "
+            "sparsifier's init (or by an optax transformation wrapping it)"
+        )
+    plans = [s.plan if isinstance(s, SparsifierState) else s.get("plan") for s in states]
+    if any(not isinstance(p, StatePlan) for p in plans):
+        raise ValueError(
+            "a sparsifier state has no plan: it was restored from a checkpoint without a target (dicts). Restore "
+            "into the abstract state instead (jax.eval_shape(tx.init, params))"
+        )
+    return {leaf.name: leaf for p in plans for leaf in p.leaves}
 
 
 def init(tx: optax.GradientTransformation, params):

@@ -15,12 +15,16 @@ sparsity:
   on the gradient flow instead: it is the core's gradient annealing ``alpha(t) = beta(t)``, the
   gradient reaching a pruned weight is ``beta(t)`` times its straight-through gradient. The
   paper's argument (the flow to pruned weights fades out) holds for both; the forward passes
-  differ while ``beta > 0``.
+  differ while ``beta > 0``. The reference's forward decay is not offered as an option: its params
+  hold ``beta w`` at pruned positions, so they are not N:M until ``beta`` reaches 0, which every
+  jaxsparse method guarantees after every step.
 - **SDGF** (structure-decay gradient flow, :func:`sdgf`): the N:M pattern itself tightens in
   stages over ``[begin_step, end_step)`` after a dense start: ``"stepwise"`` (SdGf-Stepwise,
-  e.g. for 1:8: dense, 7:8, 4:8, 2:8, 1:8) or ``"geometric"`` (SdGf-Geometric: 8:64, 4:32, 2:16,
-  1:8, the same density with ever smaller groups). There are ``log2(m / n) + 1`` stages of equal
-  length, as in the reference code; from ``end_step`` on the pattern is the final ``n:m``.
+  e.g. for 1:8: dense, 7:8, 4:8, 2:8, 1:8; ``log2(m / n) + 1`` stages) or ``"geometric"``
+  (SdGf-Geometric, the same density with ever smaller groups: 8:64, 4:32, 2:16, 1:8 for 1:8 and
+  16:32, 8:16, 4:8, 2:4 for 2:4; 4 stages), as in the reference code (its ``"sparsify"`` and
+  ``"fine"`` structure decays). The stages have equal length; from ``end_step`` on the pattern is
+  the final ``n:m``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def mdgf(
     m: int = 4,
     axis: int = -2,
     decay: str = "exponential",
-    coef: float = 1e-3,
+    coef: float = 2e-4,
     begin_step: int = 0,
     include=None,
     exclude=None,
@@ -65,7 +69,8 @@ def mdgf(
     Args:
       inner: the optax transformation that trains the dense weights.
       n, m, axis: the N:M pattern (:func:`jaxsparse.n_of_m`).
-      decay, coef, begin_step: the decay of :func:`jaxsparse.schedules.mask_decay`.
+      decay, coef, begin_step: the decay of :func:`jaxsparse.schedules.mask_decay` (``coef``
+        ``2e-4``, the reference code's default).
       include, exclude, overrides, seed: see :func:`jaxsparse.core`.
     """
     return ste(
@@ -74,19 +79,31 @@ def mdgf(
     )
 
 
-def sdgf_stages(n: int, m: int, kind: str = "stepwise") -> list[tuple[int, int]]:
-    """The N:M patterns of SDGF's stages, densest first: ``"stepwise"`` keeps ``m`` and halves
-    the kept count (``m - 1``, ``m / 2``, ``m / 4``, ..., ``n``); ``"geometric"`` keeps the
-    density ``n / m`` with groups halving (``n 2^k : m 2^k``, ..., ``n : m``). ``m / n`` must be a
-    power of two."""
-    ratio = m / n
-    if n < 1 or m < n or ratio != 2 ** round(math.log2(ratio)):
-        raise ValueError(f"sdgf needs 1 <= n <= m with m / n a power of two; got {n}:{m}")
-    frames = round(math.log2(ratio)) + 1
+def sdgf_stages(n: int, m: int, kind: str = "stepwise", stages: int = 4) -> list[tuple[int, int]]:
+    """The N:M patterns of SDGF's stages, densest first, as the reference code builds them
+    (Bambhaniya et al., 2024, arXiv 2402.04744; its ``get_decay_config``):
+
+    - ``"stepwise"`` (SdGf-Stepwise, the code's ``"sparsify"``): ``m`` fixed, kept counts ``m - 1``,
+      ``m / 2``, ``m / 4``, ..., ``n``: ``log2(m / n) + 1`` stages; ``m / n`` must be a power of two.
+    - ``"geometric"`` (SdGf-Geometric, the code's ``"fine"``): the density ``n / m`` fixed, groups
+      halving, ``n 2^k : m 2^k`` for ``k = stages - 1, ..., 0``, with ``stages = 4`` as in the
+      reference code (1:8: 8:64, 4:32, 2:16, 1:8; 2:4: 16:32, 8:16, 4:8, 2:4). Option: any positive
+      ``stages`` (``round(log2(m / n)) + 1`` gives as many stages as stepwise).
+
+    ``stages`` applies to ``"geometric"`` only.
+    """
+    if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
+        raise ValueError(f"sdgf needs integers 1 <= n <= m; got {n}:{m}")
     if kind == "stepwise":
+        ratio = m / n
+        if ratio != 2 ** round(math.log2(ratio)):
+            raise ValueError(f"stepwise sdgf needs m / n a power of two; got {n}:{m}")
+        frames = round(math.log2(ratio)) + 1
         return [(m - 1 if i == 0 else m // 2**i, m) for i in range(frames)] if frames > 1 else [(n, m)]
     if kind == "geometric":
-        return [(n * 2 ** (frames - 1 - i), m * 2 ** (frames - 1 - i)) for i in range(frames)]
+        if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+            raise ValueError(f"stages must be a positive int; got {stages!r}")
+        return [(n * 2**k, m * 2**k) for k in reversed(range(stages))]
     raise ValueError(f"kind must be 'stepwise' or 'geometric'; got {kind!r}")
 
 
@@ -121,6 +138,7 @@ def sdgf(
     m: int = 8,
     axis: int = -2,
     kind: str = "stepwise",
+    stages: int = 4,
     begin_step: int = 0,
     end_step: int,
     include=None,
@@ -131,7 +149,7 @@ def sdgf(
     """SDGF: straight-through N:M training through N:M patterns that tighten in stages
     (Bambhaniya et al., 2024, arXiv 2402.04744; stages in :func:`sdgf_stages`).
 
-    Dense before ``begin_step``; then ``log2(m / n) + 1`` stages of equal length up to
+    Dense before ``begin_step``; then the stages of :func:`sdgf_stages`, of equal length, up to
     ``end_step``, each an N:M mask of the dense weights recomputed every step; params comply with
     the current stage's pattern after every step and with ``n:m`` from the last stage on.
 
@@ -144,10 +162,11 @@ def sdgf(
       inner: the optax transformation that trains the dense weights.
       n, m, axis: the final N:M pattern.
       kind: ``"stepwise"`` or ``"geometric"``.
+      stages: the number of geometric stages (4, as in the reference code; see :func:`sdgf_stages`).
       begin_step, end_step: the window of the stages (the last starts before ``end_step``).
       include, exclude, overrides, seed: see :func:`jaxsparse.core`.
     """
-    stages = sdgf_stages(n, m, kind)
+    stages = sdgf_stages(n, m, kind, stages)
     if not 0 <= begin_step < end_step:
         raise ValueError(f"sdgf needs 0 <= begin_step < end_step; got {begin_step}, {end_step}")
     return sparsifier(

@@ -1,7 +1,8 @@
 """Per-layer sparsity tables, printable and available as data for logging.
 
 - :func:`sparsity_report`: what a params tree holds (nonzeros per leaf), and with ``structure=``
-  whether each leaf's nonzeros comply with its structure (N:M, blocks, ...).
+  or the sparsifier's ``state=`` whether each leaf's nonzeros comply with its structure (N:M,
+  blocks, ...) within its budget.
 - :func:`preview_sparsity`: what a sparsifier will aim for, before training (each leaf's target
   sparsity and exact budget under a distribution, filters and overrides).
 """
@@ -13,7 +14,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jaxsparse.core import plan_leaves
+from jaxsparse.core import get_masks, get_plan, plan_leaves
 from jaxsparse.export import bitmask_nbytes
 from jaxsparse.leaves import path_to_str, select_leaves
 from jaxsparse.structures import structures_by_leaf
@@ -78,7 +79,9 @@ class SparsityReport(NamedTuple):
         return _table(header, lines)
 
 
-def sparsity_report(params, *, only_sparse: bool = False, structure=None, include=None, exclude=None) -> SparsityReport:
+def sparsity_report(
+    params, *, only_sparse: bool = False, structure=None, include=None, exclude=None, state=None
+) -> SparsityReport:
     """Count the nonzero entries of every array leaf of ``params``.
 
     Args:
@@ -88,16 +91,35 @@ def sparsity_report(params, *, only_sparse: bool = False, structure=None, includ
       structure: the structure the params were trained with (``js.n_of_m(2, 4)``,
         ``js.blocks(128, 128)``, ... or ``{regex: structure}`` per leaf, as given to the
         sparsifier): adds a ``structure`` and a ``complies`` column for the leaves chosen by
-        ``include`` / ``exclude`` (default: the leaves sparsifiers sparsify). N:M complies when
-        every group holds at most ``n`` nonzeros; blocks and channels when the nonzeros form
-        whole tiles or units (a kept weight that is exactly 0 breaks that); constant fan-in when
-        every output unit has the same number of nonzeros, or none.
+        ``include`` / ``exclude`` (default: the leaves sparsifiers sparsify). Not needed with
+        ``state``, which knows each leaf's structure.
+      state: the optimizer state holding the sparsifier(s) that trained ``params`` (any nesting,
+        as :func:`jaxsparse.get_masks` takes): each leaf's structure and budget are read from it
+        (:func:`jaxsparse.get_plan`), so ``sparsity_report(params, state=opt_state)`` shows the
+        ``complies`` column of a structured run with nothing passed by hand.
+
+    A leaf **complies** when its nonzeros fit its structure within its budget; a kept weight that
+    is exactly 0 (a weight grown at 0, as RigL grows them) never makes it fail:
+
+    - N:M: at most ``n`` nonzeros in every group of ``m``;
+    - blocks and channels: the tiles (channels) holding a nonzero are at most the budget; with
+      ``state``, the budget is the number of whole tiles of the leaf's current mask (the exact
+      ``T - floor(s T)`` once a schedule is complete) and the nonzeros must also lie on that
+      mask; without it, the fewest tiles that can hold the leaf's nonzeros;
+    - constant fan-in: with ``state``, at most the planned fan-in ``F - floor(s F)`` nonzeros per
+      output unit; without it, the same number of nonzeros in every output unit, or none.
+
+    ``complies`` is None (``untileable``) when the structure cannot tile the leaf.
 
     Returns:
       A :class:`SparsityReport`; ``print(report)`` shows the table, ``report.rows`` and
       ``report.total`` hold the numbers, ``report.as_dict()`` flattens them for logging.
     """
-    layouts = {}
+    layouts, plan, masks = {}, {}, {}
+    if state is not None:
+        plan = get_plan(state)
+        masks = {path_to_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(get_masks(state))[0]}
+        layouts = {name: leaf.layout for name, leaf in plan.items() if leaf.structure is not None}
     if structure is not None:
         chosen = select_leaves(params, include, exclude)
         layouts = structures_by_leaf([n for n, ok in chosen.items() if ok], structure)
@@ -114,8 +136,7 @@ def sparsity_report(params, *, only_sparse: bool = False, structure=None, includ
         row = LeafReport(name, tuple(x.shape), nnz, size, 1.0 - nnz / size if size else 0.0, dense, packed)
         layout = layouts.get(name)
         if layout is not None and not layout.is_unstructured:
-            complies = bool(layout.complies(nonzero)) if layout.tileable(x.shape) else None
-            row = row._replace(structure=repr(layout), complies=complies)
+            row = row._replace(structure=repr(layout), complies=_complies(layout, nonzero, plan.get(name), masks.get(name)))
         rows.append(row)
     nnz = sum(r.nonzeros for r in rows)
     size = sum(r.size for r in rows)
@@ -124,6 +145,21 @@ def sparsity_report(params, *, only_sparse: bool = False, structure=None, includ
     if only_sparse:
         rows = [r for r in rows if r.nonzeros < r.size]
     return SparsityReport(tuple(rows), total)
+
+
+def _complies(layout, nonzero, leaf, mask) -> bool | None:
+    """Whether ``nonzero`` fits ``layout`` within the budget the state gives (``leaf``, its
+    planned budget; ``mask``, its current mask), or within the fewest units without a state."""
+    if not layout.tileable(nonzero.shape):
+        return None
+    if leaf is None or mask is None or leaf.layout != layout or tuple(mask.shape) != nonzero.shape:
+        return bool(layout.complies(nonzero))
+    mask = np.asarray(jax.device_get(mask), bool)
+    if layout.cells(nonzero.shape) > 1:  # per-cell quotas (N:M, fan-in): the planned one
+        budget = leaf.keep_units
+    else:  # tiles, channels: the whole units of the current mask (a schedule may not be complete)
+        budget = int(np.sum(layout.unit_mask(mask)))
+    return bool(layout.complies(nonzero, budget)) and not bool(np.any(nonzero & ~mask))
 
 
 class LeafTarget(NamedTuple):

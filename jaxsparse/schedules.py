@@ -190,15 +190,16 @@ def sigmoid_cosine_decay(alpha: float, end_step: int, low: float = -6.0, high: f
     return fn
 
 
-def mask_decay(kind: str = "exponential", coef: float = 1e-3, begin_step: int = 0):
+def mask_decay(kind: str = "exponential", coef: float = 2e-4, begin_step: int = 0):
     """MDGF's decay of the pruned positions' factor (Bambhaniya et al., 2024, "Progressive Gradient
     Flow for Robust N:M Sparsity Training in Transformers", arXiv 2402.04744), as in their code:
 
     - ``"linear"``: ``beta(t) = max(0, 1 - coef * (t - begin_step))``
     - ``"exponential"``: ``beta(t) = exp(-coef * (t - begin_step))``
 
-    and 1 before ``begin_step``. Returns a ``step -> beta`` function (see :func:`jaxsparse.mdgf`
-    for how it is used).
+    and 1 before ``begin_step``; ``coef`` defaults to ``2e-4``, the reference code's
+    ``--decay-coef``. Returns a ``step -> beta`` function (see :func:`jaxsparse.mdgf` for how it
+    is used).
     """
     if kind not in ("linear", "exponential"):
         raise ValueError(f"kind must be 'linear' or 'exponential'; got {kind!r}")

@@ -100,6 +100,8 @@ def _shardings_of(state, by_name: dict):
             key=replicated,
             inner_state=jax.tree_util.tree_map_with_path(generic, s.inner_state),
             aux=jax.tree_util.tree_map_with_path(aux_leaf, s.aux),
+            shadow=jax.tree_util.tree_map_with_path(generic, s.shadow),
+            plan=s.plan,
         )
 
     return jax.tree_util.tree_map_with_path(

@@ -160,7 +160,10 @@ def sr_ste(
       inner: the optax transformation that trains the dense weights.
       n, m, axis: the N:M pattern (:func:`jaxsparse.n_of_m`).
       decay: ``lambda_W``; 0 gives plain STE.
-      gradient_annealing, include, exclude, overrides, seed, dense_if_untileable: see :func:`ste`.
+      gradient_annealing: 1 (the paper's straight-through gradient). Another factor ``alpha``
+        scales the whole gradient reaching pruned weights, the sparse-refined term included
+        (``alpha (g + lambda_W w)``; the paper has no such factor).
+      include, exclude, overrides, seed, dense_if_untileable: see :func:`ste`.
     """
     return ste(
         inner, structure=n_of_m(n, m, axis), decay=decay, gradient_annealing=gradient_annealing,
@@ -260,7 +263,11 @@ def st3(
        ``l1`` in the reference code) or per leaf (``"layer"``);
     2. ``tau`` is the largest pruned magnitude of the group, and the forward weights are soft
        thresholded, ``w_q = sign(w) (|w| - tau)`` on the mask, 0 elsewhere, so a weight crosses
-       zero smoothly instead of jumping;
+       zero smoothly instead of jumping (the reference code, github.com/vanderschuea/stthree,
+       takes ``tau`` as the linearly interpolated ``s_t``-quantile of ``|w|`` and keeps ``|w| >
+       tau``: a value between the largest pruned and the smallest kept magnitude, and a count
+       that may differ from the exact budget by one; here the budget is exact, DESIGN.md
+       invariant 5, and ``tau`` its largest pruned magnitude);
     3. with ``rescale``, each output channel (last axis) is multiplied by ``1.01 / (r + 0.01)``,
        ``r`` the fraction of the channel's ``|w|`` mass that is kept (the reference code's
        ``get_scale``);

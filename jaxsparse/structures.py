@@ -198,11 +198,19 @@ class Structure:
         chosen = self.select_units(self.to_units(scores), quota, self.units_where(where))
         return self.expand(chosen, shape)
 
-    def complies(self, mask) -> jax.Array:
-        """Whether a mask (or ``params != 0``) complies with the structure: here, it is a union of
-        whole units (per-cell structures check their quotas instead)."""
+    def complies(self, mask, keep_units=None) -> jax.Array:
+        """Whether the nonzeros ``mask`` (``params != 0``, or a mask) fit the structure within a
+        budget of ``keep_units`` whole units: here, the units holding a nonzero (tiles, channels)
+        are at most ``keep_units``. A kept weight that is exactly 0 (a weight RigL grew at 0, a
+        tile not yet trained) never breaks compliance; nonzeros spread over more units than the
+        budget do. ``keep_units`` None: the fewest units that can hold the nonzeros,
+        ``ceil(nonzeros / entries per unit)``. Per-cell structures check their quotas instead."""
         mask = jnp.asarray(mask, bool)
-        return jnp.all(self.expand(self.unit_mask(mask), mask.shape) == mask)
+        touched = jnp.sum(~self.unit_mask(~mask), dtype=jnp.int32)  # units with any nonzero
+        if keep_units is None:
+            size = self.group_size(mask.shape)
+            keep_units = (jnp.sum(mask, dtype=jnp.int32) + size - 1) // size
+        return touched <= keep_units
 
     @property
     def is_unstructured(self) -> bool:
@@ -216,8 +224,11 @@ class Unstructured(Structure):
     def _untileable(self, shape):
         return None
 
-    def complies(self, mask):
-        return jnp.asarray(True)
+    def complies(self, mask, keep_units=None):
+        """Any nonzeros fit; with a budget, at most ``keep_units`` of them."""
+        if keep_units is None:
+            return jnp.asarray(True)
+        return jnp.sum(jnp.asarray(mask, bool), dtype=jnp.int32) <= keep_units
 
     @property
     def is_unstructured(self) -> bool:
@@ -313,10 +324,12 @@ class _PerCell(Structure):
     def units_where(self, where):
         return where
 
-    def complies(self, mask):
-        """At most the quota in every cell (params may hold zeros at kept positions)."""
+    def complies(self, mask, keep_units=None):
+        """At most the quota in every cell (params may hold zeros at kept positions): N:M's ``n``
+        whatever ``keep_units``; with a budget, ``keep_units / cells``."""
         mask = jnp.asarray(mask, bool)
-        return jnp.all(self.cell_counts(mask) <= self._max_per_cell(mask.shape))
+        quota = self._max_per_cell(mask.shape) if keep_units is None else keep_units // self.cells(mask.shape)
+        return jnp.all(self.cell_counts(mask) <= quota)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,9 +460,13 @@ class ConstantFanIn(_PerCell):
     def cell_counts(self, unit_mask):
         return jnp.sum(self.as_matrix(unit_mask), axis=0, dtype=jnp.int32)
 
-    def complies(self, mask):
-        """Every output unit has the same fan-in, or none (an ablated neuron)."""
+    def complies(self, mask, keep_units=None):
+        """With a budget, every output unit holds at most ``keep_units / n_out`` nonzeros (a kept
+        weight may be exactly 0); without one, every output unit holds the same number of
+        nonzeros, or none (an ablated neuron)."""
         c = self.cell_counts(jnp.asarray(mask, bool))
+        if keep_units is not None:
+            return jnp.all(c <= keep_units // self.cells(mask.shape))
         top = jnp.max(c)
         return jnp.all((c == top) | (c == 0))
 

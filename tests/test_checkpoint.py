@@ -108,3 +108,15 @@ def test_a_corrupted_or_truncated_checkpoint_fails_and_nothing_is_overwritten(tm
         js.restore_checkpoint(manager, tx, jax.eval_shape(mlp_params))
     with pytest.raises(ValueError, match=r"no checkpoint at step 7"):
         js.restore_checkpoint(manager, tx, jax.eval_shape(mlp_params), step=7)
+
+
+def test_helpers_restore_shadow_weights_and_the_plan(tmp_path):
+    """A straight-through run (dense shadow weights in the state) restores through the helpers:
+    the abstract state holds the shadow weights, and the plan (static) comes back with it."""
+    tx = js.sr_ste(optax.adam(1e-2))
+    manager, params, opt_state, _ = _saved(tmp_path, tx, steps=2)
+    p, s = js.restore_checkpoint(manager, tx, jax.eval_shape(mlp_params))
+    for a, b in zip(jax.tree.leaves((params, js.get_shadow(opt_state))), jax.tree.leaves((p, js.get_shadow(s)))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert js.get_plan(s) == js.get_plan(opt_state)
+    assert all(r.complies for r in js.sparsity_report(p, state=s).rows if r.structure)

@@ -64,3 +64,17 @@ def test_mdgf_anneals_the_pruned_gradient():
         dense1 = np.asarray(after.state.shadow["Dense_0"]["kernel"])
         beta = max(0.0, 1 - 0.5 * t)
         np.testing.assert_allclose(dense1 - dense0, -np.where(before.masks["Dense_0/kernel"], 1.0, beta), atol=1e-6)
+
+
+def test_sdgf_stages_follow_the_reference_code():
+    """SdGf-Geometric has 4 stages whatever n:m (the reference's "fine" decay), at the density
+    n/m; SdGf-Stepwise halves the kept count (its "sparsify" decay); log2(m/n)+1 geometric stages
+    stay an option."""
+    assert js.sdgf_stages(2, 4, "geometric") == [(16, 32), (8, 16), (4, 8), (2, 4)]
+    assert js.sdgf_stages(1, 16) == [(15, 16), (8, 16), (4, 16), (2, 16), (1, 16)]
+    assert js.sdgf_stages(2, 4, "geometric", stages=2) == [(4, 8), (2, 4)]
+    assert js.sdgf_stages(3, 8, "geometric") == [(24, 64), (12, 32), (6, 16), (3, 8)]
+    with pytest.raises(ValueError, match="stages"):
+        js.sdgf_stages(1, 8, "geometric", stages=0)
+    # reference defaults: exponential decay with coef 2e-4
+    assert float(js.mask_decay()(5000)) == pytest.approx(math.exp(-1.0), rel=1e-6)

@@ -144,3 +144,25 @@ def test_rigl_drops_and_grows_whole_channels_and_keeps_constant_fan_in():
         assert (m1.sum(0) == 3).all()  # fan-in 3 of 6 for every output unit
         seen.add(m0.tobytes())
     assert len(seen) > 1  # channels moved
+
+
+_EVERY_STRUCTURED = {
+    **PRESETS,
+    "rigl": lambda **kw: js.rigl(optax.sgd(0.1), **DST, **kw),
+    "ste": lambda **kw: js.ste(optax.sgd(0.1), **kw),
+    "autosparse_budget": lambda **kw: js.autosparse(optax.sgd(0.1), end_step=10, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EVERY_STRUCTURED))
+def test_every_structured_preset_checks_nm_sparsity_and_untileable_leaves(name):
+    """Each preset taking ``structure=``: an N:M sparsity other than 1 - n/m and a leaf the
+    structure cannot tile raise ValueErrors (naming the value; the leaf, its shape and the
+    structure); ``dense_if_untileable=True`` keeps such leaves dense. Init is only traced."""
+    make, params = _EVERY_STRUCTURED[name], _params()
+    with pytest.raises(ValueError, match=r"n_of_m\(2, 4, axis=-2\).*0\.6"):
+        jax.eval_shape(make(sparsity=0.6, structure=NM).init, params)
+    with pytest.raises(ValueError, match=r"'Dense_0/kernel'.*\(8, 6\).*blocks\(4, 4\)"):
+        jax.eval_shape(make(sparsity=0.5, structure=js.blocks(4, 4)).init, params)
+    masks = js.get_masks(jax.eval_shape(make(sparsity=0.5, structure=js.blocks(2, 4), dense_if_untileable=True).init, params))
+    assert masks["Dense_0"]["kernel"] is None and masks["Dense_1"]["kernel"].shape == (6, 4)

@@ -116,7 +116,9 @@ def test_select_top_k_over_leaves_with_structures():
     strs = [js.blocks(2, 2), js.unstructured(), js.n_of_m(1, 4)]
     select = jax.jit(structures.select_top_k, static_argnums=(0, 3))  # one compile, not op by op
     masks = select(tuple(strs), [a, b, c], jnp.array([5, 7, 8]), (0, 1, 2))
-    assert js.blocks(2, 2).unit_mask(masks[0]).sum() == 5 and bool(js.blocks(2, 2).complies(masks[0]))
+    tiles = js.blocks(2, 2)
+    assert tiles.unit_mask(masks[0]).sum() == 5 and bool(tiles.complies(masks[0], 5))
+    assert (tiles.expand(tiles.unit_mask(masks[0]), (8, 8)) == masks[0]).all()  # whole tiles only
     assert masks[1].sum() == 7
     assert (_nm_counts(masks[2], 4) == 1).all()
     # one-cell leaves share a global budget in units
