@@ -76,6 +76,8 @@ def full_gathers(hlo: str, shapes) -> list[str]:
 
 
 def check_shardings(state, expected, where):
+    # the same tree (zip alone would stop at a leaf the expected tree lacks, such as shadow weights)
+    assert jax.tree.structure(state) == jax.tree.structure(expected), f"{where}: {jax.tree.structure(expected)}"
     for (path, x), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
         assert x.sharding.is_equivalent_to(want, x.ndim), f"{where}: state leaf {js.path_to_str(path)} is {x.sharding}, want {want}"
 
@@ -108,6 +110,10 @@ def train(name, mesh, directory):
     for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:  # independently of the helper
         layer = js.path_to_str(path).split("/")[0]
         assert m.sharding.is_equivalent_to(shardings[layer]["kernel"], 2), (name, layer, m.sharding)
+    if state.shadow is not None:  # dense shadow weights, independently too
+        for path, w in jax.tree_util.tree_flatten_with_path(js.get_shadow(state))[0]:
+            layer = js.path_to_str(path).split("/")[0]
+            assert w.sharding.is_equivalent_to(shardings[layer]["kernel"], 2), (name, "shadow", layer, w.sharding)
     params = js.apply_masks(params, masks)
     data = NamedSharding(mesh, P("data"))
     # One compiled step for the run (no out_shardings: the state keeps its shardings by itself),
