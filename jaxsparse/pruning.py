@@ -43,7 +43,7 @@ from jaxsparse.leaves import path_to_str
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
 from jaxsparse.masks import random_masks
 from jaxsparse.structures import select_top_k
-from jaxsparse.core import Topology, TopologyInputs, periodic_updates, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, function_name, periodic_updates, sparsifier
 
 __all__ = [
     "pruning",
@@ -241,6 +241,7 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
         init=lambda inputs: (inputs.masks, ()),
         update=update,
         is_update_step=is_update_step,
+        name=f"pruning(score={function_name(score)}, scope={'layer' if global_sparsity is None else 'global'})",
     )
 
 

@@ -74,6 +74,7 @@ def ste_topology(decay: float = 0.0) -> Topology:
         update=lambda inputs: (masks(inputs), inputs.aux),
         is_update_step=every_step,
         observe=observe if decay > 0 else None,
+        name="sr_ste" if decay > 0 else "ste",
     )
 
 

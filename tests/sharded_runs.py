@@ -129,7 +129,7 @@ def train(name, mesh, directory):
         check_shardings(params, shardings, f"{name} params after step {t}")
         if t + 1 == SAVE_AFTER:
             manager = js.checkpoint_manager(f"{directory}/{name}")
-            js.save_checkpoint(manager, t + 1, params, state)
+            js.save_checkpoint(manager, t + 1, params, state, tx=tx)
     np.savez(f"{directory}/{name}/final.npz", *[np.asarray(x) for x in jax.tree.leaves((params, state))])
 
     # the same result, up to selection flips at ties
