@@ -21,6 +21,12 @@ sparsity:
   e.g. for 1:8: dense, 7:8, 4:8, 2:8, 1:8) or ``"geometric"`` (SdGf-Geometric: 8:64, 4:32, 2:16,
   1:8, the same density with ever smaller groups). There are ``log2(m / n) + 1`` stages of equal
   length, as in the reference code; from ``end_step`` on the pattern is the final ``n:m``.
+
+On a device mesh (:mod:`jaxsparse.sharding`): as STE, the shadow weights shard like the params and
+each mask is N:M by compares within each group of ``m`` (no communication when the devices'
+slices of the group axis are multiples of ``m``; SDGF's stages switch between such selections,
+``lax.switch`` on the replicated step). Geometric SDGF's early stages have long groups (8:64),
+which span devices sooner; see :mod:`jaxsparse.structures`.
 """
 
 from __future__ import annotations

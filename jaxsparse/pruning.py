@@ -18,6 +18,9 @@ partitions into per-device partial histograms and an all-reduce (a global select
 leaves' histograms into one small histogram), so no param leaves its devices. LAMP finds each
 layer's count from two histograms of ``w**2`` (counts and sums, :func:`lamp_budgets`) instead of
 sorting each layer (a sort would gather a sharded leaf), then selects per layer by magnitude.
+With a structure, tile and channel scores are norms that reduce across devices and N:M ranks
+within each group (:mod:`jaxsparse.structures`); with gradient annealing the dense shadow
+weights shard like the params.
 
 At an update step with schedule fraction ``f``, a leaf of size ``N`` at target ``s`` keeps
 ``N - floor(f * s * N)`` entries (exactly ``N - floor(s * N)`` once ``f = 1``), chosen among the

@@ -225,7 +225,9 @@ def rigl(
     On a device mesh (:mod:`jaxsparse.sharding`): the state shards like params; each leaf's drop and grow
     selections are radix selects whose histograms are scatter-adds XLA partitions into per-device
     partial histograms and an all-reduce, and the masks come from elementwise compares, so no
-    param, gradient or score leaves its devices.
+    param, gradient or score leaves its devices. With ``structure=js.blocks(r, c)`` the tile
+    scores are L2 norms (partial sums and an all-reduce where a tile spans devices) selected the
+    same way; tiles that divide the shards keep even that local.
 
     Example::
 
