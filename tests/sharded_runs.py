@@ -5,7 +5,8 @@ with the run it resumes).
 ``python tests/sharded_runs.py train DIR PRESET ...``: for each preset, the same steps on one
 device and on a 2 x 4 ``("data", "model")`` mesh, the MLP's kernels sharded FSDP-style over
 ``data`` and tensor-parallel over ``model``; checks the state's shardings after init and after each
-step, the compiled step's HLO, and a data-parallel run under ``shard_map``; saves a checkpoint
+step, the compiled step's HLO (no all-gather of a whole param; for N:M in groups that lie on one
+device, no collective beyond a plain optax step's), and a data-parallel run under ``shard_map``; saves a checkpoint
 mid-schedule (after step 4) and the uninterrupted run's final arrays under ``DIR/<preset>``.
 Prints ``ok <preset> flips=<n> shard_map_flips=<n>``.
 
@@ -14,6 +15,7 @@ mesh, continues, and checks bit for bit against the uninterrupted run; restores 
 mesh too. Prints ``resumed <preset>``.
 """
 
+import functools
 import re
 import sys
 
@@ -30,8 +32,12 @@ STEPS = 8
 SAVE_AFTER = 4  # mid-schedule: the presets' schedules run to step 8
 # Presets also run under shard_map (data parallel), one per kind of state and selection (the
 # test's CPU budget allows four compiles more): global selection, gradient-based regrowth,
-# per-leaf statistics redistributed across layers, shadow weights.
-SHARD_MAP = {"global_magnitude", "rigl", "snfs", "topkast"}
+# per-leaf statistics redistributed across layers, shadow weights (Top-KAST's own and the core's
+# for the straight-through family), a structure (tiles).
+SHARD_MAP = {"global_magnitude", "rigl", "snfs", "topkast", "rigl_blocks", "ste_2of4"}
+# N:M whose groups lie on one device (the devices' slices of the input axis are multiples of m)
+# selects with no communication at all: these steps have exactly a plain optax step's collectives.
+LOCAL_SELECTION = {"ste_2of4", "sr_ste"}
 SPECS = {
     "Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
     "Dense_1": {"kernel": P("model", "data"), "bias": P()},
@@ -73,6 +79,22 @@ def full_gathers(hlo: str, shapes) -> list[str]:
             if dims and tuple(int(d) for d in dims.split(",")) in whole:
                 found.append(line.strip())
     return found
+
+
+def collectives(hlo: str) -> dict:
+    """How many of each collective the compiled HLO holds."""
+    found = re.findall(r"= [^=]*? (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(", hlo)
+    return {kind: found.count(kind) for kind in sorted(set(found))}
+
+
+@functools.cache
+def plain_collectives(mesh):
+    """The collectives of a plain optax step on the sharded MLP (no sparsifier)."""
+    tx = optax.adam(1e-2)
+    params = jax.device_put(mlp_params(), jax.tree.map(lambda spec: NamedSharding(mesh, spec), SPECS))
+    state = jax.jit(tx.init, out_shardings=js.state_shardings(tx, params))(params)
+    lowered = make_step(tx).lower(params, state, *jax.device_put(batch(0), NamedSharding(mesh, P("data"))))
+    return collectives(lowered.compile().as_text())
 
 
 def check_shardings(state, expected, where):
@@ -122,6 +144,9 @@ def train(name, mesh, directory):
     compiled = step_fn.lower(params, state, *jax.device_put(batch(0), data)).compile()
     gathered = full_gathers(compiled.as_text(), [x.shape for x in jax.tree.leaves(params)])
     assert not gathered, f"{name}: the step all-gathers whole params:\n" + "\n".join(gathered[:4])
+    if name in LOCAL_SELECTION:
+        found, plain = collectives(compiled.as_text()), plain_collectives(mesh)
+        assert found == plain, f"{name}: the step's collectives {found}, a plain optax step's {plain}"
     for t in range(STEPS):
         x, y = jax.device_put(batch(t), data)
         params, state = compiled(params, state, x, y)
