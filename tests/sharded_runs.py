@@ -31,7 +31,7 @@ from presets import PRESETS
 STEPS = 8
 SAVE_AFTER = 4  # mid-schedule: the presets' schedules run to step 8
 # Presets also run under shard_map (data parallel), one per kind of state and selection (the
-# test's CPU budget allows four compiles more): global selection, gradient-based regrowth,
+# test's CPU budget allows six compiles more): global selection, gradient-based regrowth,
 # per-leaf statistics redistributed across layers, shadow weights (Top-KAST's own and the core's
 # for the straight-through family), a structure (tiles).
 SHARD_MAP = {"global_magnitude", "rigl", "snfs", "topkast", "rigl_blocks", "ste_2of4"}
