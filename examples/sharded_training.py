@@ -124,7 +124,7 @@ def main():
         params, opt_state, loss = train_step(params, opt_state, x, y)
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             if step + 1 not in manager.all_steps():
-                js.save_checkpoint(manager, step + 1, params, opt_state)
+                js.save_checkpoint(manager, step + 1, params, opt_state, tx=tx)
             progress.set_postfix(loss=f"{float(loss):.3f}", saved=step + 1)
         if args.stop_after is not None and step + 1 == args.stop_after:
             progress.close()

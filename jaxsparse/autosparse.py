@@ -37,6 +37,12 @@ are not quoted for that reason. That implementation multiplies ``alpha`` by the 
 epoch; here ``alpha(t)`` is the decay itself evaluated at the step (no compounding), an option
 away (``gradient_annealing=`` any ``step -> alpha`` function).
 
+On a device mesh (:mod:`jaxsparse.sharding`): the dense shadow weights shard like their params;
+the masks are elementwise compares with each layer's threshold (a replicated scalar, with its
+optimizer state), and the threshold's gradient is a sum over the layer (per-device partial sums
+and an all-reduce), so nothing gathers a param. With a budget (``sparsity=``), the masks are
+the structure's top-k (:func:`jaxsparse.ste.magnitude_masks`), partitioned radix selects.
+
 With ``sparsity`` given, the mask is instead the top ``1 - sparsity`` of ``|W|`` per layer (a
 fixed budget) with GA, the paper's "GA on a fixed-budget (Top-K) method" (their TopKAST + GA
 comparison); the thresholds are then unused.

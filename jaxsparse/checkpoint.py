@@ -9,10 +9,14 @@ add what a demanding user needs around them:
   (:func:`jaxsparse.abstract_state`), on the mesh the run had or on another one;
 - bool masks come back bool and PRNG keys (typed or raw) as they were saved, since the target
   carries every dtype;
-- a JSON record of what was saved (every leaf's path, shape and dtype, and the optimizer state's
-  tree structure, which names the method's state types), checked before anything is read, so a
-  checkpoint of other params or of another method fails with a ValueError naming the leaves that
-  differ, and a corrupted or truncated checkpoint fails with a ValueError naming the step;
+- a JSON record of what was saved (every leaf's path, shape and dtype, the optimizer state's
+  tree structure, which names the method's state types, and, when ``save_checkpoint`` is given
+  ``tx``, what each sparsifier is: :func:`jaxsparse.core.describe`, its topology rule, gradient
+  annealing, and every leaf's target sparsity and structure), checked before anything is read, so a
+  checkpoint of other params or of another method fails with a ValueError naming what differs
+  (RigL and SET, or RigL at 90% and at 80%, have states of the same tree: only the description
+  tells them apart), and a corrupted or truncated checkpoint fails with a ValueError naming the
+  step;
 - saving never replaces a step already on disk (orbax writes a step under a temporary name and
   renames it when complete, so an interrupted save leaves the previous steps as they were).
 
@@ -33,6 +37,7 @@ import os
 
 import jax
 
+from jaxsparse.core import describe
 from jaxsparse.leaves import path_to_str
 from jaxsparse.sharding import abstract_state, param_shardings
 
@@ -55,7 +60,7 @@ def checkpoint_manager(directory, *, max_to_keep: int | None = None, save_interv
     return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options, item_names=_ITEMS)
 
 
-def _describe(tree) -> dict:
+def _shapes(tree) -> dict:
     """``{leaf path: [shape, dtype]}`` of a tree of arrays or ``ShapeDtypeStruct``."""
     return {path_to_str(p): [list(x.shape), str(x.dtype)] for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -63,14 +68,18 @@ def _describe(tree) -> dict:
 def _record(params, opt_state) -> dict:
     return {
         "version": 1,
-        "params": _describe(params),
-        "opt_state": _describe(opt_state),
+        "params": _shapes(params),
+        "opt_state": _shapes(opt_state),
         "opt_state_structure": str(jax.tree.structure(opt_state)),
     }
 
 
-def save_checkpoint(manager, step: int, params, opt_state) -> None:
+def save_checkpoint(manager, step: int, params, opt_state, *, tx=None) -> None:
     """Save params and the full optimizer state at ``step`` (blocks until it is written).
+
+    Give ``tx`` (the transformation whose state this is) so that the checkpoint records what each
+    sparsifier in it is (:func:`jaxsparse.core.describe`) and :func:`restore_checkpoint` refuses
+    it for another method or configuration whose state has the same tree (RigL into SET).
 
     Raises:
       ValueError: if ``step`` is already saved in ``manager`` (it is never overwritten).
@@ -79,6 +88,7 @@ def save_checkpoint(manager, step: int, params, opt_state) -> None:
     if step in manager.all_steps():
         raise ValueError(f"step {step} is already saved in {manager.directory}; it is not overwritten")
     record = _record(params, opt_state)
+    record["sparsifiers"] = None if tx is None else describe(tx, params)
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -106,6 +116,26 @@ def _differences(what: str, saved: dict, target: dict) -> list[str]:
     return lines
 
 
+def _method_differences(saved: list, target: list) -> list[str]:
+    """What differs between the sparsifiers a checkpoint was written by and the target's."""
+    if len(saved) != len(target):
+        return [f"the checkpoint has {len(saved)} sparsifier(s), the target {len(target)}"]
+    lines = []
+    for i, (a, b) in enumerate(zip(saved, target)):
+        where = "" if len(saved) == 1 else f"sparsifier {i}: "
+        for field in ("topology", "gradient_annealing"):
+            if a.get(field) != b.get(field):
+                lines.append(f"{where}{field}: checkpoint {a.get(field)!r}, target {b.get(field)!r}")
+        if a.get("leaves") != b.get("leaves"):
+            a_leaves, b_leaves = a.get("leaves", {}), b.get("leaves", {})
+            differ = [n for n in {**a_leaves, **b_leaves} if a_leaves.get(n) != b_leaves.get(n)]
+            lines += [
+                f"{where}leaf {n!r} [sparsity, structure]: checkpoint {a_leaves.get(n)}, target {b_leaves.get(n)}"
+                for n in differ[:8]
+            ]
+    return lines
+
+
 def restore_checkpoint(manager, tx, params, *, step: int | None = None, shardings=None):
     """Restore ``(params, opt_state)`` saved by :func:`save_checkpoint`, sharded like ``params``.
 
@@ -122,7 +152,9 @@ def restore_checkpoint(manager, tx, params, *, step: int | None = None, sharding
 
     Raises:
       ValueError: no checkpoint; a checkpoint of other params or another optimizer state
-        (naming the leaves that differ); a corrupted or truncated checkpoint (naming the step).
+        (naming the leaves that differ); of another method or configuration with a state of the
+        same tree (when it was saved with ``tx``: naming the method, sparsity or structure on
+        both sides); a corrupted or truncated checkpoint (naming the step).
     """
     ocp = _ocp()
     step = manager.latest_step() if step is None else step
@@ -146,6 +178,10 @@ def restore_checkpoint(manager, tx, params, *, step: int | None = None, sharding
             f"the optimizer state's structure differs (another method or optimizer): checkpoint "
             f"{record['opt_state_structure'][:300]}, target {expected['opt_state_structure'][:300]}"
         )
+    if not problems and record.get("sparsifiers") is not None:
+        problems = _method_differences(record["sparsifiers"], describe(tx, target_params))
+        if problems:
+            problems.insert(0, "it was written by another method or configuration")
     if problems:
         raise ValueError(f"{where} does not match the target:\n  " + "\n  ".join(problems))
     try:

@@ -52,6 +52,7 @@ A *topology* is a small record of pure functions over the list of sparsified lea
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -89,6 +90,8 @@ __all__ = [
     "reset_inner_state",
     "every_step",
     "as_annealing",
+    "describe",
+    "function_name",
 ]
 
 
@@ -228,6 +231,11 @@ class Topology(NamedTuple):
 
     ``is_update_step`` may return a Python ``True`` (a rule that runs on every step, as STE's):
     the update then runs without ``lax.cond``.
+
+    ``name`` says which method the rule is (e.g. ``"drop_and_grow(drop=magnitude, grow=random)"``),
+    for :func:`describe` and so for checkpoints, which refuse to restore a run of one method into
+    another whose state has the same tree; default: the module and qualified name of ``update``
+    (or ``init``), which tells apart every rule whose functions differ.
     """
 
     init: Callable[[TopologyInputs], tuple]
@@ -239,6 +247,7 @@ class Topology(NamedTuple):
     finish: Callable[[TopologyInputs, list], tuple] | None = None
     inner_params: Callable[[TopologyInputs], list] | None = None
     forward: Callable[[TopologyInputs], list] | None = None
+    name: str | None = None
 
 
 def every_step(step) -> bool:
@@ -264,6 +273,36 @@ def as_annealing(gradient_annealing) -> Callable | None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"gradient_annealing must be in [0, 1]; got {gradient_annealing!r}")
     return lambda step: jnp.float32(alpha)
+
+
+# Set by :func:`describe` while it traces an init: every sparsifier's init appends its configuration.
+_DESCRIBING: contextvars.ContextVar = contextvars.ContextVar("jaxsparse_describing", default=None)
+
+
+def function_name(fn) -> str:
+    """A short name of a function (a score, a schedule) for :attr:`Topology.name`."""
+    return getattr(fn, "__name__", None) or repr(fn)
+
+
+def describe(tx: optax.GradientTransformation, params) -> list[dict]:
+    """What every jaxsparse sparsifier inside ``tx`` is, in the order of their ``init``: a list
+    of JSON-ready dicts ``{"topology": name, "gradient_annealing": None | "constant" |
+    "schedule", "leaves": {leaf: [target sparsity, structure]}}``.
+
+    Found by tracing ``tx.init`` on ``params`` (arrays or ``jax.ShapeDtypeStruct``; nothing is
+    computed), so sparsifiers nested in any optax wrapper (``chain``, ``inject_hyperparams``,
+    ``MultiSteps``, ``multi_transform``) are found. Checkpoints store it (:mod:`jaxsparse.checkpoint`):
+    RigL and SET, or the same method with another sparsity or structure, have states of the same
+    tree, and only this tells them apart. Optimizer hyperparameters (learning rates, alpha's
+    value, seeds) are not part of it: changing them on resume is legitimate.
+    """
+    found: list = []
+    token = _DESCRIBING.set(found)
+    try:  # a new function each time: eval_shape caches traces by function, and a cached trace records nothing
+        jax.eval_shape(lambda p: tx.init(p), params)
+    finally:
+        _DESCRIBING.reset(token)
+    return found
 
 
 def check_positive_int(value, what: str, *, none_ok: bool = False):
@@ -551,6 +590,13 @@ def sparsifier(
     def init_fn(params):
         plan = plan_for(params)
         key = as_key(seed)
+        if _DESCRIBING.get() is not None:
+            rule = topology.update or topology.init
+            _DESCRIBING.get().append({
+                "topology": topology.name or f"{rule.__module__}.{rule.__qualname__}",
+                "gradient_annealing": None if annealing is None else ("schedule" if callable(gradient_annealing) else "constant"),
+                "leaves": {leaf.name: [leaf.sparsity, repr(leaf.layout)] for leaf in plan},
+            })
 
         @jax.jit  # initial masks come from top-k selections: compile them rather than run op by op
         def initial_topology(params_list, key):

@@ -25,6 +25,12 @@ sparsity:
   16:32, 8:16, 4:8, 2:4 for 2:4; 4 stages), as in the reference code (its ``"sparsify"`` and
   ``"fine"`` structure decays). The stages have equal length; from ``end_step`` on the pattern is
   the final ``n:m``.
+
+On a device mesh (:mod:`jaxsparse.sharding`): as STE, the shadow weights shard like the params and
+each mask is N:M by compares within each group of ``m`` (no communication when the devices'
+slices of the group axis are multiples of ``m``; SDGF's stages switch between such selections,
+``lax.switch`` on the replicated step). Geometric SDGF's early stages have long groups (8:64),
+which span devices sooner; see :mod:`jaxsparse.structures`.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ partitions into per-device partial histograms and an all-reduce (a global select
 leaves' histograms into one small histogram), so no param leaves its devices. LAMP finds each
 layer's count from two histograms of ``w**2`` (counts and sums, :func:`lamp_budgets`) instead of
 sorting each layer (a sort would gather a sharded leaf), then selects per layer by magnitude.
+With a structure, tile and channel scores are norms that reduce across devices and N:M ranks
+within each group (:mod:`jaxsparse.structures`); with gradient annealing the dense shadow
+weights shard like the params.
 
 At an update step with schedule fraction ``f``, a leaf of size ``N`` at target ``s`` keeps
 ``N - floor(f * s * N)`` entries (exactly ``N - floor(s * N)`` once ``f = 1``), chosen among the
@@ -43,7 +46,7 @@ from jaxsparse.leaves import path_to_str
 from jaxsparse.schedules import SparsitySchedule, one_shot_schedule
 from jaxsparse.masks import random_masks
 from jaxsparse.structures import select_top_k
-from jaxsparse.core import Topology, TopologyInputs, periodic_updates, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, function_name, periodic_updates, sparsifier
 
 __all__ = [
     "pruning",
@@ -241,6 +244,7 @@ def _pruning_topology(score, schedule: SparsitySchedule, update_every: int, glob
         init=lambda inputs: (inputs.masks, ()),
         update=update,
         is_update_step=is_update_step,
+        name=f"pruning(score={function_name(score)}, scope={'layer' if global_sparsity is None else 'global'})",
     )
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from jaxsparse import scores as score_fns
-from jaxsparse.core import Topology, TopologyInputs, sparsifier
+from jaxsparse.core import Topology, TopologyInputs, function_name, sparsifier
 from jaxsparse.distributions import as_distribution, er, erk
 from jaxsparse.dst import at_update, drop_and_grow, dst_update_steps, paper_distribution, update_fractions
 from jaxsparse.masks import random_masks
@@ -72,7 +72,10 @@ def _drop_grow_topology(drop_score, grow_score, drop_fraction, anneal, update_ev
             masks[i] = m
         return masks, inputs.aux
 
-    return Topology(init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=update, is_update_step=is_update_step)
+    return Topology(
+        init=lambda inputs: (random_masks(inputs.plan, inputs.key), ()), update=update, is_update_step=is_update_step,
+        name=f"drop_and_grow(drop={function_name(drop_score)}, grow={function_name(grow_score)})",
+    )
 
 
 def dynamic_sparse(
@@ -222,7 +225,9 @@ def rigl(
     On a device mesh (:mod:`jaxsparse.sharding`): the state shards like params; each leaf's drop and grow
     selections are radix selects whose histograms are scatter-adds XLA partitions into per-device
     partial histograms and an all-reduce, and the masks come from elementwise compares, so no
-    param, gradient or score leaves its devices.
+    param, gradient or score leaves its devices. With ``structure=js.blocks(r, c)`` the tile
+    scores are L2 norms (partial sums and an all-reduce where a tile spans devices) selected the
+    same way; tiles that divide the shards keep even that local.
 
     Example::
 

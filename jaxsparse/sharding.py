@@ -1,11 +1,13 @@
 """State shardings from params shardings (DESIGN.md invariant 7: sharding follows params).
 
 Every array of an optimizer state that belongs to one param (its mask, adam's moments, a
-momentum trace, SNFS's gradient average, Top-KAST's shadow weights and backward masks) takes
-that param's sharding; everything else (step counters, PRNG keys, scalars) is replicated. No
-partition spec is written for the state: :func:`state_shardings` derives it from the params'
-shardings, for ``jax.jit(..., out_shardings=...)`` and for restoring a checkpoint into sharded
-abstract targets (:func:`abstract_state`), also onto another mesh.
+momentum trace, SNFS's gradient average, the dense shadow weights of gradient annealing and of
+the straight-through family, Top-KAST's shadow weights and backward masks) takes that param's
+sharding; everything else (step counters, PRNG keys, scalars such as the per-layer thresholds of
+ST-3 and AutoSparse) is replicated. No partition spec is written for the state:
+:func:`state_shardings` derives it from the params' shardings, for ``jax.jit(...,
+out_shardings=...)`` and for restoring a checkpoint into sharded abstract targets
+(:func:`abstract_state`), also onto another mesh.
 
 A state leaf belongs to a param when
 

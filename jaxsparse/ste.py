@@ -23,6 +23,15 @@ weights, so the next forward pass uses the mask of the current weights, as in th
   thresholding of the dense weights with a per-output-channel rescaling, at a sparsity ramped
   with the cubic schedule of Zhu & Gupta.
 
+On a device mesh (:mod:`jaxsparse.sharding`) the dense shadow weights shard like their params,
+and every method's mask is a selection that partitions: STE and SR-STE select per leaf with the
+leaf's structure (:func:`jaxsparse.structures.select_top_k`: N:M by compares within each group,
+local when groups do not span devices; tiles and channels by norms that reduce, then a radix
+select over histograms); SR-STE's term is elementwise. ST-3 selects over all pooled leaves at
+once (their histograms summed into one small histogram and all-reduced), takes each threshold as
+a max reduction, and its channel rescaling is a mean over each channel's inputs (partial sums
+and an all-reduce); the thresholds are replicated scalars. Nothing gathers a param.
+
 Progressive N:M gradient flow (MDGF, SDGF) is in :mod:`jaxsparse.progressive`; AutoSparse in
 :mod:`jaxsparse.autosparse`.
 """
@@ -74,6 +83,7 @@ def ste_topology(decay: float = 0.0) -> Topology:
         update=lambda inputs: (masks(inputs), inputs.aux),
         is_update_step=every_step,
         observe=observe if decay > 0 else None,
+        name="sr_ste" if decay > 0 else "ste",
     )
 
 

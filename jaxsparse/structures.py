@@ -28,6 +28,18 @@ topologies select in unit space with :func:`select_top_k` and :meth:`Structure.s
 so a structure composes with every topology: ``rigl(..., structure=blocks(128, 128))`` drops and
 grows whole tiles.
 
+**On a device mesh** (:mod:`jaxsparse.sharding`) no structure gathers a sharded leaf. Aggregation
+is a reduction (a tile's or a channel's L2 norm: per-device partial sums and an all-reduce when
+the group spans devices, nothing when it lies in one), and the unit scores go through the same
+partitioned radix select as unstructured scores. N:M ranks each group by ``m`` elementwise
+compare passes: when the devices' slices of ``axis`` are multiples of ``m`` (every group on one
+device, as for 2:4 on any even split) the selection adds no communication at all; a group that
+spans devices gets each pass's slice by a collective-permute (2:32 on 16-row shards: 32 of them),
+still never the leaf. Constant fan-in counts per column (reductions). Measured on the 2 x 4 mesh
+of tests/sharded_runs.py: 2:4, ``blocks(8, 8)``, ``blocks(16, 16)``, ``blocks(32, 8)`` (tiles
+spanning the data shards) and 2:32 compile with no all-gather of a whole param. Choose tiles and
+``m`` that divide the shards to keep the selection local.
+
 References: N:M sparsity, Mishra et al. (2021), "Accelerating Sparse Deep Neural Networks",
 arXiv:2104.08378, and Zhou et al. (2021), "Learning N:M Fine-grained Structured Sparse Neural
 Networks From Scratch", arXiv:2102.04010; block sparsity, Narang, Undersander & Diamos (2017),

@@ -24,4 +24,16 @@ PRESETS = {
     "snfs": lambda: js.snfs(optax.sgd(1e-2, momentum=0.9), sparsity=js.uniform(0.75), update_every=2, end_step=8, seed=1),
     "srigl": lambda: js.srigl(_adam(), sparsity=js.uniform(0.75), update_every=2, end_step=8, seed=1),
     "topkast": lambda: js.topkast(optax.adamw(1e-2), sparsity=0.75, backward_sparsity=0.5, update_every=2, seed=1),
+    # structures (8 x 8 tiles tile every (data, model) shard of the MLP's kernels; 2:4 groups lie
+    # within a shard on the input axis) and gradient annealing (dense shadow weights in the state)
+    "magnitude_2of4": lambda: js.magnitude_pruning(_adam(), structure=js.n_of_m(2, 4), schedule=js.polynomial_schedule(0, 4), update_every=2),
+    "rigl_blocks": lambda: js.rigl(_adam(), sparsity=js.uniform(0.75), structure=js.blocks(8, 8), update_every=2, end_step=8, seed=1),
+    "magnitude_channels": lambda: js.magnitude_pruning(_adam(), sparsity=0.5, structure=js.channels(), schedule=js.polynomial_schedule(0, 4), update_every=2),
+    "magnitude_annealed": lambda: js.magnitude_pruning(_adam(), sparsity=0.75, schedule=js.polynomial_schedule(0, 4), update_every=2, gradient_annealing=0.5),
+    # the straight-through family: shadow weights, a mask every step; ST-3 and AutoSparse keep thresholds
+    "ste_2of4": lambda: js.ste(_adam(), structure=js.n_of_m(2, 4)),
+    "sr_ste": lambda: js.sr_ste(_adam(), decay=2e-2),
+    "st3": lambda: js.st3(_adam(), sparsity=0.75, end_step=4),
+    "autosparse": lambda: js.autosparse(optax.adamw(1e-2), end_step=8, threshold_init=-1.0),
+    "sdgf": lambda: js.sdgf(_adam(), n=1, m=4, begin_step=0, end_step=6),
 }

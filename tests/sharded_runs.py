@@ -5,7 +5,8 @@ with the run it resumes).
 ``python tests/sharded_runs.py train DIR PRESET ...``: for each preset, the same steps on one
 device and on a 2 x 4 ``("data", "model")`` mesh, the MLP's kernels sharded FSDP-style over
 ``data`` and tensor-parallel over ``model``; checks the state's shardings after init and after each
-step, the compiled step's HLO, and a data-parallel run under ``shard_map``; saves a checkpoint
+step, the compiled step's HLO (no all-gather of a whole param; for N:M in groups that lie on one
+device, no collective beyond a plain optax step's), and a data-parallel run under ``shard_map``; saves a checkpoint
 mid-schedule (after step 4) and the uninterrupted run's final arrays under ``DIR/<preset>``.
 Prints ``ok <preset> flips=<n> shard_map_flips=<n>``.
 
@@ -14,6 +15,7 @@ mesh, continues, and checks bit for bit against the uninterrupted run; restores 
 mesh too. Prints ``resumed <preset>``.
 """
 
+import functools
 import re
 import sys
 
@@ -29,9 +31,13 @@ from presets import PRESETS
 STEPS = 8
 SAVE_AFTER = 4  # mid-schedule: the presets' schedules run to step 8
 # Presets also run under shard_map (data parallel), one per kind of state and selection (the
-# test's CPU budget allows four compiles more): global selection, gradient-based regrowth,
-# per-leaf statistics redistributed across layers, shadow weights.
-SHARD_MAP = {"global_magnitude", "rigl", "snfs", "topkast"}
+# test's CPU budget allows six compiles more): global selection, gradient-based regrowth,
+# per-leaf statistics redistributed across layers, shadow weights (Top-KAST's own and the core's
+# for the straight-through family), a structure (tiles).
+SHARD_MAP = {"global_magnitude", "rigl", "snfs", "topkast", "rigl_blocks", "ste_2of4"}
+# N:M whose groups lie on one device (the devices' slices of the input axis are multiples of m)
+# selects with no communication at all: these steps have exactly a plain optax step's collectives.
+LOCAL_SELECTION = {"ste_2of4", "sr_ste"}
 SPECS = {
     "Dense_0": {"kernel": P("data", "model"), "bias": P("model")},
     "Dense_1": {"kernel": P("model", "data"), "bias": P()},
@@ -75,7 +81,25 @@ def full_gathers(hlo: str, shapes) -> list[str]:
     return found
 
 
+def collectives(hlo: str) -> dict:
+    """How many of each collective the compiled HLO holds."""
+    found = re.findall(r"= [^=]*? (all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)(?:-start)?\(", hlo)
+    return {kind: found.count(kind) for kind in sorted(set(found))}
+
+
+@functools.cache
+def plain_collectives(mesh):
+    """The collectives of a plain optax step on the sharded MLP (no sparsifier)."""
+    tx = optax.adam(1e-2)
+    params = jax.device_put(mlp_params(), jax.tree.map(lambda spec: NamedSharding(mesh, spec), SPECS))
+    state = jax.jit(tx.init, out_shardings=js.state_shardings(tx, params))(params)
+    lowered = make_step(tx).lower(params, state, *jax.device_put(batch(0), NamedSharding(mesh, P("data"))))
+    return collectives(lowered.compile().as_text())
+
+
 def check_shardings(state, expected, where):
+    # the same tree (zip alone would stop at a leaf the expected tree lacks, such as shadow weights)
+    assert jax.tree.structure(state) == jax.tree.structure(expected), f"{where}: {jax.tree.structure(expected)}"
     for (path, x), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
         assert x.sharding.is_equivalent_to(want, x.ndim), f"{where}: state leaf {js.path_to_str(path)} is {x.sharding}, want {want}"
 
@@ -108,6 +132,10 @@ def train(name, mesh, directory):
     for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:  # independently of the helper
         layer = js.path_to_str(path).split("/")[0]
         assert m.sharding.is_equivalent_to(shardings[layer]["kernel"], 2), (name, layer, m.sharding)
+    if state.shadow is not None:  # dense shadow weights, independently too
+        for path, w in jax.tree_util.tree_flatten_with_path(js.get_shadow(state))[0]:
+            layer = js.path_to_str(path).split("/")[0]
+            assert w.sharding.is_equivalent_to(shardings[layer]["kernel"], 2), (name, "shadow", layer, w.sharding)
     params = js.apply_masks(params, masks)
     data = NamedSharding(mesh, P("data"))
     # One compiled step for the run (no out_shardings: the state keeps its shardings by itself),
@@ -116,6 +144,9 @@ def train(name, mesh, directory):
     compiled = step_fn.lower(params, state, *jax.device_put(batch(0), data)).compile()
     gathered = full_gathers(compiled.as_text(), [x.shape for x in jax.tree.leaves(params)])
     assert not gathered, f"{name}: the step all-gathers whole params:\n" + "\n".join(gathered[:4])
+    if name in LOCAL_SELECTION:
+        found, plain = collectives(compiled.as_text()), plain_collectives(mesh)
+        assert found == plain, f"{name}: the step's collectives {found}, a plain optax step's {plain}"
     for t in range(STEPS):
         x, y = jax.device_put(batch(t), data)
         params, state = compiled(params, state, x, y)
@@ -123,7 +154,7 @@ def train(name, mesh, directory):
         check_shardings(params, shardings, f"{name} params after step {t}")
         if t + 1 == SAVE_AFTER:
             manager = js.checkpoint_manager(f"{directory}/{name}")
-            js.save_checkpoint(manager, t + 1, params, state)
+            js.save_checkpoint(manager, t + 1, params, state, tx=tx)
     np.savez(f"{directory}/{name}/final.npz", *[np.asarray(x) for x in jax.tree.leaves((params, state))])
 
     # the same result, up to selection flips at ties

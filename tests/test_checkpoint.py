@@ -48,7 +48,7 @@ def _saved(tmp_path, tx, steps=3):
     for t in range(steps):
         params, opt_state = step(params, opt_state, *batch(t))
     manager = js.checkpoint_manager(tmp_path / "run")
-    js.save_checkpoint(manager, steps, params, opt_state)
+    js.save_checkpoint(manager, steps, params, opt_state, tx=tx)
     return manager, params, opt_state, step
 
 
@@ -88,6 +88,27 @@ def test_a_checkpoint_of_other_params_or_another_method_names_what_differs(tmp_p
     sgd = js.rigl(optax.sgd(1e-2, momentum=0.9), sparsity=js.uniform(0.75), update_every=2, end_step=10)
     with pytest.raises(ValueError, match=r"opt_state leaves the target has and the checkpoint lacks: \['inner_state/0/trace"):
         js.restore_checkpoint(manager, sgd, jax.eval_shape(mlp_params))
+
+
+@pytest.mark.compat
+def test_a_checkpoint_of_another_method_with_the_same_state_tree_is_refused_naming_both(tmp_path):
+    # RigL and SET (or RigL at another sparsity or structure) have states of the same tree: only
+    # the description saved with tx= tells them apart
+    rigl = lambda **kw: js.rigl(optax.adam(1e-2), **{"sparsity": js.uniform(0.75), **kw}, update_every=2, end_step=10)
+    manager, *_ = _saved(tmp_path, rigl(), steps=1)
+    abstract = jax.eval_shape(mlp_params)
+    assert jax.tree.structure(jax.eval_shape(rigl().init, abstract)) == jax.tree.structure(
+        jax.eval_shape(js.set_sparse(optax.adam(1e-2), sparsity=js.uniform(0.75), update_every=2, end_step=10).init, abstract))
+    set_tx = js.set_sparse(optax.adam(1e-2), sparsity=js.uniform(0.75), update_every=2, end_step=10)
+    with pytest.raises(ValueError, match=r"(?s)step 1.*another method.*topology: checkpoint "
+                       r"'drop_and_grow\(drop=magnitude, grow=gradient_magnitude\)', target 'drop_and_grow\(drop=magnitude, grow=random\)'"):
+        js.restore_checkpoint(manager, set_tx, abstract)
+    with pytest.raises(ValueError, match=r"leaf 'Dense_0/kernel' \[sparsity, structure\]: checkpoint \[0.75, 'unstructured\(\)'\], "
+                       r"target \[0.5, 'unstructured\(\)'\]"):
+        js.restore_checkpoint(manager, rigl(sparsity=js.uniform(0.5)), abstract)
+    with pytest.raises(ValueError, match=r"target \[0.75, 'blocks\(4, 4\)'\]"):
+        js.restore_checkpoint(manager, rigl(structure={"Dense_0": js.blocks(4, 4)}), abstract)
+    js.restore_checkpoint(manager, rigl(), abstract)  # the same method restores (another seed would too)
 
 
 def test_a_corrupted_or_truncated_checkpoint_fails_and_nothing_is_overwritten(tmp_path):

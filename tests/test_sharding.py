@@ -58,3 +58,20 @@ def test_checkpoint_restores_in_a_fresh_process_and_continues_bit_for_bit(traine
     directory, _ = trained
     out = run_devices("resume", directory / "runs", *PRESETS, cache=directory / "cache")
     assert [l.split()[1] for l in out.splitlines() if l.startswith("resumed ")] == list(PRESETS), out
+
+
+@pytest.mark.compat
+def test_state_shardings_cover_every_state_leaf_of_every_preset():
+    # in process, on one device: the helper's tree is the state's, shadow weights and thresholds
+    # included (jit's out_shardings would take a None where a subtree was dropped as "unspecified")
+    import jax
+    import jaxsparse as js
+    from sharded_runs import mlp_params
+
+    params = jax.eval_shape(mlp_params)
+    for name, make in PRESETS.items():
+        tx = make()
+        state, shardings = jax.eval_shape(tx.init, params), js.state_shardings(tx, params)
+        assert jax.tree.structure(shardings) == jax.tree.structure(state), name
+        if state.shadow is not None:
+            assert jax.tree.structure(js.abstract_state(tx, params).shadow) == jax.tree.structure(state.shadow), name
