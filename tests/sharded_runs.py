@@ -30,11 +30,6 @@ from presets import PRESETS
 
 STEPS = 8
 SAVE_AFTER = 4  # mid-schedule: the presets' schedules run to step 8
-# Presets also run under shard_map (data parallel), one per kind of state and selection (the
-# test's CPU budget allows six compiles more): global selection, gradient-based regrowth,
-# per-leaf statistics redistributed across layers, shadow weights (Top-KAST's own and the core's
-# for the straight-through family), a structure (tiles).
-SHARD_MAP = {"global_magnitude", "rigl", "snfs", "topkast", "rigl_blocks", "ste_2of4"}
 # N:M whose groups lie on one device (the devices' slices of the input axis are multiples of m)
 # selects with no communication at all: these steps have exactly a plain optax step's collectives.
 LOCAL_SELECTION = {"ste_2of4", "sr_ste"}
@@ -167,10 +162,8 @@ def train(name, mesh, directory):
         for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6, err_msg=name)
 
-    if name not in SHARD_MAP:
-        print(f"ok {name} flips={flips}", flush=True)
-        return
-    # shard_map data parallelism over all 8 devices: params replicated, gradients averaged
+    # every preset also runs under shard_map: data parallel over all 8 devices, params replicated,
+    # gradients averaged
     flat = make_mesh((8,), ("batch",))
 
     def dp_step(p, s, x, y):
