@@ -273,6 +273,47 @@ def test_driver_nnx_wanda_owl_and_n_m():
     assert len(kept) == 3 and np.mean(kept) == pytest.approx(0.5, abs=0.01) and max(kept) - min(kept) > 0.05
 
 
+def test_driver_prunes_general_layers_of_flax_attention_as_their_in_out_matrix():
+    # flax's attention projects with DenseGeneral / LinearGeneral: q, k, v kernels (in, heads,
+    # head_dim), the output (heads, head_dim, out); each is pruned as its (in, out) matrix
+    import flax.linen as nn
+    from flax import nnx
+
+    x = jnp.asarray(correlated_heavy_tailed(16, 2 * 4 * 32, seed=5)).reshape(2, 4, 32, 16)
+    linen_model = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16)
+    params = linen_model.init(jax.random.PRNGKey(0), x[0])["params"]
+    pruned, masks = js.prune_oneshot(linen_model, params, list(x), method="sparsegpt", sparsity=0.5, progress=False)
+    for name in ("query", "key", "value", "out"):
+        keep = np.asarray(masks[name]["kernel"])
+        assert keep.shape == params[name]["kernel"].shape and keep.sum() == keep.size // 2, name
+    # q sees the model's inputs: the same as SparseGPT on the (16, 2 * 8) matrix
+    want = js.sparsegpt(params["query"]["kernel"].reshape(16, 16), x.reshape(-1, 16), sparsity=0.5)
+    np.testing.assert_allclose(pruned["query"]["kernel"].reshape(16, 16), want, atol=1e-5)
+
+    model = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=nnx.Rngs(0))
+    _, masks = js.prune_oneshot(model, None, [(b, b) for b in x], method="wanda", n=2, m=4, progress=False)
+    named = dict(zip(js.leaf_paths(masks), jax.tree.leaves(masks)))
+    for name in ("query/kernel", "key/kernel", "value/kernel", "out/kernel"):
+        keep = np.asarray(named[name]).reshape(16, 16)  # (in, out) with the input axes flattened
+        assert np.all(keep.reshape(4, 4, 16).sum(1) == 2), name
+
+
+def test_driver_warns_about_kernels_it_leaves_dense():
+    import flax.linen as nn
+
+    class ConvNet(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(8, (3, 3))(x))
+            return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 6, 6, 3)), jnp.float32)
+    params = ConvNet().init(jax.random.PRNGKey(0), x[0])["params"]
+    with pytest.warns(UserWarning, match=r"stay dense.*Conv_0/kernel \(3, 3, 3, 8\)"):
+        _, masks = js.prune_oneshot(ConvNet(), params, list(x), method="magnitude", sparsity=0.5, progress=False)
+    assert masks["Conv_0"]["kernel"] is None and masks["Dense_0"]["kernel"] is not None
+
+
 def test_driver_errors():
     model = _linen_model()
     x = jnp.ones((4, 15))

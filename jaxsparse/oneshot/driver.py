@@ -1,8 +1,13 @@
 """Model-level one-shot pruning: calibration batches through a flax model, layer by layer.
 
-:func:`prune_oneshot` finds the model's dense layers (``flax.linen.Dense`` through
-``nn.intercept_methods``; ``flax.nnx.Linear`` through a patch of its ``__call__`` while tracing,
-since nnx has no method interception), then prunes them one at a time in call order. Each
+:func:`prune_oneshot` finds the model's dense layers (``flax.linen.Dense`` and ``DenseGeneral``
+through ``nn.intercept_methods``; ``flax.nnx.Linear`` and ``LinearGeneral`` through a patch of
+their ``__call__`` while tracing, since nnx has no method interception), then prunes them one at a
+time in call order. A general layer (e.g. the q/k/v ``(in, heads, head_dim)`` and output
+``(heads, head_dim, out)`` projections of flax's attention) is pruned as the 2-D ``(in, out)``
+matrix it multiplies by: its contracted input axes flattened into ``in``, the others into ``out``
+(so N:M groups run along the flattened input axis). Layers with batch axes, convolutions and
+einsums are left dense, with a warning naming them. Each
 layer's input statistics are accumulated over all calibration batches with the params as
 pruned so far, so every layer sees the inputs produced by the already-pruned layers before it:
 the papers' sequential scheme (SparseGPT, Section 3.4 / reference ``--true-sequential``; Wanda,
@@ -16,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import warnings
 from typing import Any, Iterable
 
 import jax
@@ -72,22 +79,31 @@ class _Model:
             from flax import nnx
 
             module = nnx.merge(self.key, params, rest)
-            paths = {id(mod): path for path, mod in nnx.iter_modules(module) if isinstance(mod, nnx.Linear)}
-            original = nnx.Linear.__call__
+            paths = {id(mod): path for path, mod in nnx.iter_modules(module) if isinstance(mod, (nnx.Linear, nnx.LinearGeneral))}
+            linear, general = nnx.Linear.__call__, nnx.LinearGeneral.__call__
 
-            def call(self_, x, *args, **kwargs):
-                if id(self_) in paths:
-                    captured.setdefault(self._name_of(paths[id(self_)]), []).append(x)
-                return original(self_, x, *args, **kwargs)
+            def capturing(original, contracted_axes):
+                def call(self_, x, *args, **kwargs):
+                    axes = contracted_axes(self_)
+                    if id(self_) in paths and axes is not None:
+                        captured.setdefault(self._name_of(paths[id(self_)]), []).append(_flatten_contracted(x, axes))
+                    return original(self_, x, *args, **kwargs)
 
-            with _patched(nnx.Linear, "__call__", call):
+                return call
+
+            general_axes = lambda mod: None if mod.batch_axis else mod.axis  # noqa: E731
+            with _patched(nnx.Linear, "__call__", capturing(linear, lambda mod: -1)), \
+                    _patched(nnx.LinearGeneral, "__call__", capturing(general, general_axes)):
                 module(*_as_args(batch))
             return captured
         from flax import linen as nn
 
         def interceptor(next_fun, args, kwargs, context):
-            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-                captured.setdefault(self._name_of(context.module.path), []).append(args[0])
+            mod = context.module
+            if context.method_name == "__call__" and isinstance(mod, (nn.Dense, nn.DenseGeneral)):
+                axes = -1 if isinstance(mod, nn.Dense) else (None if mod.batch_dims else mod.axis)
+                if axes is not None:
+                    captured.setdefault(self._name_of(mod.path), []).append(_flatten_contracted(args[0], axes))
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
@@ -97,6 +113,15 @@ class _Model:
             else:
                 self.key(params, batch)
         return captured
+
+
+def _flatten_contracted(x, axes) -> jax.Array:
+    """``x`` with the axes a dense layer contracts moved last (in the layer's order, which is the
+    order of its kernel's input axes) and flattened into one: ``(..., in)``."""
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    axes = tuple(a % x.ndim for a in axes)
+    x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    return x.reshape(*x.shape[: x.ndim - len(axes)], math.prod(x.shape[x.ndim - len(axes):]))
 
 
 def _is_nnx(model) -> bool:
@@ -190,7 +215,10 @@ def prune_oneshot(
         pruned layers' shapes) or :func:`jaxsparse.owl` (targets from the dense model's outlier
         ratios); or give ``n`` and ``m`` for N:M instead (every layer).
       include, exclude: regexes on kernel names choosing the pruned dense layers (default: every
-        ``nn.Dense`` / ``nnx.Linear`` kernel; language models usually exclude the output head).
+        ``nn.Dense`` / ``nn.DenseGeneral`` / ``nnx.Linear`` / ``nnx.LinearGeneral`` kernel, the
+        general ones as their flattened ``(in, out)`` matrix; language models usually exclude the
+        output head). Other kernels the selection picks (convolutions, einsums, layers with batch
+        axes) stay dense, with a warning naming them.
       block_size, damp: SparseGPT's.
       progress: show a tqdm progress bar over the layers (if tqdm is installed).
 
@@ -225,11 +253,24 @@ def prune_oneshot(
     jax.eval_shape(find, params, batches[0])
     chosen = select_leaves(params, include, exclude)
     layers = [name for name in order if chosen.get(name, False)]
+    leaves = {path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    left_dense = [
+        f"{name} {tuple(leaves[name].shape)}" for name, keep in chosen.items()
+        if keep and name not in order and name.rsplit("/", 1)[-1] == "kernel"
+    ]
+    if left_dense:
+        warnings.warn(
+            "prune_oneshot prunes dense layers (linen Dense / DenseGeneral, nnx Linear / LinearGeneral, without "
+            f"batch axes); these kernels are not such layers' and stay dense: {left_dense}",
+            stacklevel=2,
+        )
     if not layers:
         raise ValueError(f"no dense layer to prune: dense kernels are {list(order)}")
-    leaves = {path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    # every layer as the 2-D (in, out) matrix it multiplies by (general layers flattened)
+    matrices = {name: jnp.reshape(leaves[name], (order[name], -1)) if leaves[name].size % order[name] == 0
+                else leaves[name] for name in layers}
     for name in layers:
-        check_layer(name, leaves[name], order[name], n=n, m=m, sparsity=None if n is not None else 0.0)
+        check_layer(name, matrices[name], order[name], n=n, m=m, sparsity=None if n is not None else 0.0)
 
     def statistics(current, name, diagonal):
         same = tuple(x for x in layers if order[x] == order[name])
@@ -245,7 +286,7 @@ def prune_oneshot(
     if n is None:
         dist = as_distribution(sparsity)
         if isinstance(dist, OWL):
-            scores = {name: wanda_scores(leaves[name], statistics(params, name, True)) for name in layers}
+            scores = {name: wanda_scores(matrices[name], statistics(params, name, True)) for name in layers}
             targets = dist.solve_scores(scores)
         else:
             targets = dist.solve({name: tuple(leaves[name].shape) for name in layers})
@@ -253,7 +294,7 @@ def prune_oneshot(
     bar = _progress(layers, progress, method)
     masks: dict[str, jax.Array] = {}
     for name in bar:
-        weight = leaves[name]
+        weight = matrices[name]
         kwargs = dict(sparsity=targets[name], n=n, m=m, return_mask=True, name=name)
         if method == "magnitude":
             pruned, keep = magnitude_layer(weight, **kwargs)
@@ -261,7 +302,8 @@ def prune_oneshot(
             pruned, keep = wanda(weight, statistics(params, name, True), **kwargs)
         else:
             pruned, keep = sparsegpt(weight, statistics(params, name, False), block_size=block_size, damp=damp, **kwargs)
-        leaves[name], masks[name] = pruned, keep
+        shape = leaves[name].shape
+        leaves[name], masks[name] = pruned.reshape(shape), keep.reshape(shape)
         params = jax.tree_util.tree_map_with_path(lambda p, x: leaves.get(path_to_str(p), x), params)
     masks_tree = jax.tree_util.tree_map_with_path(lambda p, _: masks.get(path_to_str(p)), params)
     return params, masks_tree
