@@ -29,6 +29,10 @@ gradients against a dense f32 reference on a token-rule mask, then times everyth
 
     python benchmarks/attention.py --device gpu
 
+``--device gpu --interpret`` runs the GPU mode's logic on a CPU with the kernels in interpret mode
+(a dry run before a GPU session: small shapes, e.g. ``--seqs 512 --repeats 1``; times mean
+nothing, and the cuDNN baseline reports that it needs a GPU).
+
 Times are medians over interleaved repetitions (each round calls every variant once, so load
 changes on a shared machine hit all of them alike).
 """
@@ -130,10 +134,11 @@ def time_ms(fns: dict, args, repeats: int) -> dict:
     return {name: statistics.median(times[name]) if name in live else float("nan") for name in fns}
 
 
-def sparse_fns(block_mask, mask_fn, causal, block: int, backend: str):
+def sparse_fns(block_mask, mask_fn, causal, block: int, backend: str, interpret: bool = False):
     """Jitted forward and forward+backward of block-sparse attention with a fixed mask and rule."""
     attend = lambda q, k, v: block_sparse_attention(
-        q, k, v, block_mask, mask_fn=mask_fn, causal=causal, block_q=block, block_k=block, backend=backend
+        q, k, v, block_mask, mask_fn=mask_fn, causal=causal, block_q=block, block_k=block, backend=backend,
+        interpret=interpret,
     )
     loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()
     return jax.jit(attend), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -171,7 +176,7 @@ def token_reference(q, k, v, allowed):
     return jnp.einsum("bhqk,bhkd->bhqd", p, v, precision="highest")
 
 
-def check(backend: str, shape, block: int, dtype, tol: float) -> bool:
+def check(backend: str, shape, block: int, dtype, tol: float, interpret: bool = False) -> bool:
     """Sparse output and gradients against a dense f32 token-masked reference, on a document +
     causal + uneven block mask; prints and returns pass/fail."""
     seq = shape[2]
@@ -180,7 +185,8 @@ def check(backend: str, shape, block: int, dtype, tol: float) -> bool:
     block_mask = uneven_block_mask(seq // block, seq // block, 0.5, seed=3)
     rule = am.and_fn(am.document_fn(document_ids(seq, mean_length=seq // 4)), am.causal_fn())
     allowed = np.repeat(np.repeat(block_mask[0], block, 0), block, 1) & np.asarray(rule(0, 0, np.arange(seq)[:, None], np.arange(seq)[None]))
-    attend = lambda q, k, v: block_sparse_attention(q, k, v, block_mask, mask_fn=rule, block_q=block, block_k=block, backend=backend)
+    attend = lambda q, k, v: block_sparse_attention(q, k, v, block_mask, mask_fn=rule, block_q=block, block_k=block, backend=backend,
+                                                    interpret=interpret)
     out, vjp = jax.vjp(attend, *(x.astype(dtype) for x in (q, k, v)))
     grads = vjp(cot.astype(dtype))
     ref_out, ref_vjp = jax.vjp(lambda q, k, v: token_reference(q, k, v, allowed), q, k, v)
@@ -192,7 +198,7 @@ def check(backend: str, shape, block: int, dtype, tol: float) -> bool:
     return ok
 
 
-def run(*, backend, seqs, batch, heads, dim, block, dtype, baselines, per_head, repeats, only=None):
+def run(*, backend, seqs, batch, heads, dim, block, dtype, baselines, per_head, repeats, only=None, interpret=False):
     """Per sequence length and mode: the dense baselines and every mask, timed together."""
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; batch {batch}, heads {heads}, "
           f"head_dim {dim}, block {block}, {jnp.dtype(dtype).name}, path {backend!r}", flush=True)
@@ -206,7 +212,7 @@ def run(*, backend, seqs, batch, heads, dim, block, dtype, baselines, per_head, 
         ms = {}
         for which, label in ((0, "fwd"), (1, "fwd+bwd")):
             fns = {("dense", b): dense_fns(b, per_head)[which] for b in baselines}
-            fns.update({("sparse", n): sparse_fns(*c, block, backend)[which] for n, c in cases.items()})
+            fns.update({("sparse", n): sparse_fns(*c, block, backend, interpret)[which] for n, c in cases.items()})
             ms[label] = time_ms(fns, (q, k, v), repeats)
         dense = " | ".join(f"{ms['fwd']['dense', b]:.0f} ms" for b in baselines) + " | " + " | ".join(
             f"{ms['fwd+bwd']['dense', b]:.0f} ms" for b in baselines)
@@ -225,18 +231,21 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int, nargs="+", help="sequence lengths (default: 4096 8192 on CPU, 8192 32768 on GPU)")
     parser.add_argument("--repeats", type=int, help="timed rounds per variant (default 3 on CPU, 5 on GPU)")
     parser.add_argument("--masks", nargs="+", help="only these masks (names as printed)")
+    parser.add_argument("--interpret", action="store_true", help="GPU mode on a CPU, kernels interpreted: a dry run")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         check("xla", (1, 2, 512, 64), 64, jnp.float32, tol=1e-5)
         run(backend="xla", seqs=args.seqs or [4096, 8192], batch=1, heads=8, dim=64, block=128, dtype=jnp.float32,
             baselines=["xla"], per_head=True, repeats=args.repeats or 3, only=args.masks)
     else:
-        if jax.default_backend() != "gpu":
-            raise SystemExit(f"--device gpu needs a GPU; jax sees {jax.devices()}")
-        ok = check("gpu", (1, 4, 2048, 128), 128, jnp.bfloat16, tol=3e-2)
-        ok &= check("gpu", (1, 4, 2048, 128), 128, jnp.float32, tol=1e-2)  # Triton dots run in TF32
-        run(backend="gpu", seqs=args.seqs or [8192, 32768], batch=1, heads=16, dim=128, block=128, dtype=jnp.bfloat16,
-            baselines=["xla", "cudnn"], per_head=False, repeats=args.repeats or 5, only=args.masks)
+        if jax.default_backend() != "gpu" and not args.interpret:
+            raise SystemExit(f"--device gpu needs a GPU (or --interpret for a dry run); jax sees {jax.devices()}")
+        shape = (1, 2, 512, 128) if args.interpret else (1, 4, 2048, 128)
+        ok = check("gpu", shape, 128, jnp.bfloat16, tol=3e-2, interpret=args.interpret)
+        ok &= check("gpu", shape, 128, jnp.float32, tol=1e-2, interpret=args.interpret)  # Triton dots run in TF32
+        run(backend="gpu", seqs=args.seqs or [8192, 32768], batch=1, heads=2 if args.interpret else 16, dim=128, block=128,
+            dtype=jnp.bfloat16, baselines=["xla", "cudnn"], per_head=False, repeats=args.repeats or 5, only=args.masks,
+            interpret=args.interpret)
         if not ok:
             raise SystemExit("correctness check FAILED")
 

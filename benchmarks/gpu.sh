@@ -7,6 +7,10 @@
 # Each step has its own time limit so that the whole stays under ~9 minutes, and each writes its
 # log to OUTDIR; copy the printed tables into benchmarks/RESULTS.md with the date, the GPU and the
 # jax version (printed first).
+#
+# Dry run of the GPU modes on a CPU (kernels interpreted; times mean nothing), before spending
+# GPU time: python benchmarks/bsr_matmul.py --device gpu --interpret --sizes 256
+#           python benchmarks/attention.py --device gpu --interpret --seqs 512 --repeats 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu-results}}"
