@@ -261,14 +261,14 @@ def prune_oneshot(
     if left_dense:
         warnings.warn(
             "prune_oneshot prunes dense layers (linen Dense / DenseGeneral, nnx Linear / LinearGeneral, without "
-            f"batch axes); these kernels are not such layers' and stay dense: {left_dense}",
+            f"batch axes); these kernels are not such layers and stay dense: {left_dense}",
             stacklevel=2,
         )
     if not layers:
         raise ValueError(f"no dense layer to prune: dense kernels are {list(order)}")
     # every layer as the 2-D (in, out) matrix it multiplies by (general layers flattened)
-    matrices = {name: jnp.reshape(leaves[name], (order[name], -1)) if leaves[name].size % order[name] == 0
-                else leaves[name] for name in layers}
+    matrices = {name: leaves[name] if leaves[name].ndim == 2 else jnp.reshape(leaves[name], (order[name], -1))
+                for name in layers}
     for name in layers:
         check_layer(name, matrices[name], order[name], n=n, m=m, sparsity=None if n is not None else 0.0)
 
